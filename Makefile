@@ -1,0 +1,37 @@
+# One entry point for humans and CI. `make test` builds .venv from nothing and runs every test tier.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-unit test-dist train bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	  else $(PY) -m pip install -q torch==2.13.0; fi; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: setup
+	$(PY) -m pytest -q -ra tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+test-unit: setup
+	$(PY) -m pytest -q -ra tests/unit
+
+test-dist: setup
+	$(PY) -m pytest -q -ra tests/dist
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .hypothesis

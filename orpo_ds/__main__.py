@@ -1,0 +1,3 @@
+from orpo_ds.cli import main
+
+raise SystemExit(main())
