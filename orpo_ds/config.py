@@ -1,0 +1,263 @@
+"""One typed, frozen run config: YAML file + dotted ``key=value`` overrides, validated before any work.
+
+Every validation error is a :class:`ConfigError` whose message names the dotted key and the fix; the CLI
+prints it and exits with code 2, without a traceback.
+
+    cfg = load_config("configs/demo.yaml", ["train.lr=1e-5", "loss.beta=0.2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and how to fix it."""
+
+
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "flex_attention", "eager")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = ""
+    attn_implementation: str = "auto"  # auto: flash_attention_2 where flash-attn and CUDA exist, else sdpa
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        _require(bool(self.name_or_path), "model.name_or_path",
+                 "is empty; set it to a local model folder or a hub name, e.g. model.name_or_path=path/to/model")
+        _require(self.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+                 f"{self.attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""
+    eval: str | None = None
+    format: str = "auto"  # auto | standard | conversational | sharegpt
+    max_length: int = 1024  # tokens per sequence (prompt + one response)
+    truncation: str = "prompt_left"  # prompt_left | drop
+    strict: bool = False  # any unusable row is fatal
+    num_proc: int = 1  # tokenization workers
+    cache_dir: str = ".cache/orpo_ds/tokenized"
+
+    def __post_init__(self):
+        _require(bool(self.train), "data.train", "is empty; set it to a jsonl/json/parquet file, a saved "
+                 "dataset folder or a hub name, e.g. data.train=data/pairs.jsonl")
+        _require(self.format in ("auto", "standard", "conversational", "sharegpt"), "data.format",
+                 f"{self.format!r} is not one of auto, standard, conversational, sharegpt")
+        _require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
+        _require(self.truncation in ("prompt_left", "drop"), "data.truncation",
+                 f"{self.truncation!r} is not one of prompt_left, drop")
+        _require(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    beta: float = 0.1  # weight of the odds-ratio term (the paper's lambda)
+    nll_on_prompt: bool = False  # True: the SFT term also counts the chosen prompt tokens (TRL's behaviour)
+    chunk_size: int = 1024  # tokens per chunk of the log-prob head
+
+    def __post_init__(self):
+        _require(self.beta >= 0, "loss.beta", f"must be >= 0, got {self.beta}")
+        _require(self.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {self.chunk_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/orpo"
+    seed: int = 0
+    lr: float = 5e-6
+    lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: str = "adamw"  # adamw | sgd (sgd makes updates linear in the gradient: used by tests)
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    epochs: int = 1
+    max_steps: int = 0  # > 0 caps the number of optimizer steps; 0 runs `epochs` epochs
+    micro_batch_tokens: int = 8192  # token budget of one packed micro-batch (one row)
+    grad_accum: int = 1  # micro-batches per rank per optimizer step
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    eval_steps: int = 0  # evaluate data.eval every N steps (0: only before and after training)
+    eval_before: bool = True  # evaluate data.eval before the first step
+    log_steps: int = 1
+    export: bool = True  # write a transformers folder to <output_dir>/final at the end
+
+    def __post_init__(self):
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule",
+                 f"{self.lr_schedule!r} is not one of cosine, linear, constant")
+        _require(self.optimizer in ("adamw", "sgd"), "train.optimizer",
+                 f"{self.optimizer!r} is not one of adamw, sgd")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.max_steps >= 0, "train.max_steps", f"must be >= 0 (0 = run train.epochs), got {self.max_steps}")
+        _require(self.micro_batch_tokens >= 2, "train.micro_batch_tokens", f"must be >= 2, got {self.micro_batch_tokens}")
+        _require(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
+                 f"{self.precision!r} is not one of auto, bf16, fp32")
+        _require(self.eval_steps >= 0, "train.eval_steps", "must be >= 0")
+        _require(self.log_steps >= 1, "train.log_steps", "must be >= 1")
+        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
+                 f"must be two numbers in [0, 1), got {self.adam_betas}")
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    config: str = "ds_configs/zero3.json"  # DeepSpeed JSON: engine settings only (ZeRO stage, offload, ...)
+
+    def __post_init__(self):
+        _require(bool(self.config), "deepspeed.config", "is empty; name a file in ds_configs/, e.g. "
+                 "deepspeed.config=ds_configs/zero3.json")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    def __post_init__(self):
+        _require(2 * self.data.max_length <= self.train.micro_batch_tokens,
+                 "train.micro_batch_tokens",
+                 f"{self.train.micro_batch_tokens} cannot hold one pair of two sequences of up to "
+                 f"data.max_length={self.data.max_length} tokens; set train.micro_batch_tokens >= "
+                 f"{2 * self.data.max_length} or lower data.max_length")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_class(name: str) -> type:
+    return {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig,
+            "deepspeed": DeepSpeedSection}[name]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation (as a string under ``from __future__``), coercing ints
+    to floats and lists to tuples; raise ConfigError naming ``key`` otherwise."""
+    hint = eval(annotation, {"tuple": tuple}) if isinstance(annotation, str) else annotation  # noqa: S307 - our own annotations
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(key, v, t) for v, t in zip(value, typing.get_args(hint)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-5"`` -> ``("train.lr", 1e-5)``; the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=1e-5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-5 as a string (it wants 1.0e-5); accept the form people type.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(ch in value for ch in ".eE") and not value.isalpha() else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{key}: keys have the form section.name, e.g. train.lr "
+                          f"(sections: {', '.join(SECTIONS)})")
+    tree.setdefault(parts[0], {})
+    if not isinstance(tree[parts[0]], dict):
+        raise ConfigError(f"{parts[0]}: expected a mapping of keys")
+    tree[parts[0]][parts[1]] = value
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict; unknown keys are errors that list the valid ones."""
+    sections = {}
+    for name, values in (tree or {}).items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{name}: unknown section; valid sections: {', '.join(SECTIONS)}")
+        cls = _section_class(name)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in (values or {}).items():
+            dotted = f"{name}.{key}"
+            if key not in fields:
+                raise ConfigError(f"{dotted}: unknown key; valid keys in {name}: {', '.join(fields)}")
+            kwargs[key] = _coerce(dotted, value, fields[key].type)
+        sections[name] = kwargs
+    try:
+        built = {name: _section_class(name)(**sections.get(name, {})) for name in SECTIONS}
+        return Config(**built)
+    except TypeError as exc:  # pragma: no cover - guarded by the key checks above
+        raise ConfigError(str(exc)) from exc
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: file {str(path)!r} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config: {path} is not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def dump_config(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

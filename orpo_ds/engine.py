@@ -1,0 +1,266 @@
+"""Everything DeepSpeed: process group, config injection, ZeRO-3 model loading, the engine, gathers.
+
+This is the only module that imports deepspeed. The rest of orpo-ds sees plain ``nn.Module`` objects,
+tensors and the small :class:`Engine` facade below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from orpo_ds.config import Config, ConfigError
+
+# Keys of the DeepSpeed JSON that orpo-ds owns: they come from our config, and a JSON that sets one of
+# them to something else is an error rather than a silent override.
+_INJECTED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                  "gradient_clipping")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _adopt_slurm_environment() -> None:
+    """``srun python -m orpo_ds ...`` without a launcher: map SLURM's task ids onto torch's variables."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("srun without a launcher: set MASTER_ADDR and MASTER_PORT (launch/orpo.sbatch "
+                           "derives them from the allocation)")
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create) the process group: gloo on CPU, nccl on CUDA. Works under the deepspeed launcher,
+    torchrun, srun (SLURM_PROCID -> RANK) and as a plain single process."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    _adopt_slurm_environment()
+    if "RANK" not in os.environ:  # plain `python -m orpo_ds train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accelerator = get_accelerator()
+    on_gpu = accelerator.device_name() == "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
+                    device=device)
+
+
+def resolve_dtype(cfg: Config, info: DistInfo) -> torch.dtype:
+    if cfg.train.precision == "auto":
+        return torch.bfloat16 if info.on_gpu else torch.float32
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+def build_ds_config(ds_json: dict[str, Any], cfg: Config, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Inject batch sizes, clipping and precision from our config into the engine-only DeepSpeed JSON.
+
+    One packed row is one micro-batch, so ``train_micro_batch_size_per_gpu`` is 1. A JSON value that
+    disagrees with ours raises ConfigError; ``"auto"`` or an absent key is filled in.
+    """
+    ds = json.loads(json.dumps(ds_json))  # deep copy
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"deepspeed.config: remove the {section!r} section; orpo-ds builds the optimizer "
+                              f"and schedule from train.lr, train.lr_schedule, train.warmup_steps, ...")
+    wanted = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": world_size * cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.max_grad_norm,
+    }
+    for key in _INJECTED_KEYS:
+        have = ds.get(key, "auto")
+        if have != "auto" and have != wanted[key]:
+            raise ConfigError(f"deepspeed.config sets {key}={have!r} but orpo-ds derives {wanted[key]!r} from "
+                              f"train.* (one packed row per micro-batch); remove the key or set it to \"auto\"")
+        ds[key] = wanted[key]
+    bf16 = dtype == torch.bfloat16
+    for section, enabled in (("bf16", bf16), ("fp16", False)):
+        have = ds.get(section, {}).get("enabled", "auto")
+        if have != "auto" and bool(have) != enabled:
+            raise ConfigError(f"deepspeed.config sets {section}.enabled={have} but train.precision resolves to "
+                              f"{'bf16' if bf16 else 'fp32'}; remove it or set train.precision accordingly")
+        ds.setdefault(section, {})["enabled"] = enabled
+    if cfg.train.optimizer == "sgd":
+        ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def read_ds_config(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed.config: file {path!r} does not exist; pick one of ds_configs/*.json")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {exc}") from exc
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def load_pretrained(loader: Callable[[], torch.nn.Module], ds_config: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """Run ``loader`` (a ``from_pretrained`` call) so that ZeRO-3 partitions the weights while loading.
+
+    transformers' ``from_pretrained`` enters ``deepspeed.zero.Init`` only while an ``HfDeepSpeedConfig``
+    object is alive, so it is returned too and the caller must keep a reference for the run.
+    """
+    keepalive = None
+    if zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keepalive = HfDeepSpeedConfig(ds_config)
+    return loader(), keepalive
+
+
+def register_external_parameter(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
+    """Tell ZeRO-3 that ``module``'s forward reads ``param`` although another module owns it, so the
+    engine gathers it for that forward and its backward (the chunked head reads ``lm_head.weight``)."""
+    import deepspeed
+
+    if hasattr(param, "ds_id"):
+        deepspeed.zero.register_external_parameter(module, param)
+
+
+def make_optimizer(module: torch.nn.Module, cfg: Config, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    t = cfg.train
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    if offload not in (None, "none"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+
+
+def make_lr_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``train.warmup_steps``, then cosine / linear decay to 0 or constant."""
+    warmup, kind = cfg.train.warmup_steps, cfg.train.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Engine:
+    """A thin facade over ``deepspeed.DeepSpeedEngine``: forward, backward, step, and what we read back."""
+
+    def __init__(self, module: torch.nn.Module, cfg: Config, ds_config: dict[str, Any], total_steps: int):
+        import deepspeed
+
+        optimizer = make_optimizer(module, cfg, ds_config)
+        schedule = make_lr_schedule(optimizer, cfg, total_steps)
+        self.ds_config = ds_config
+        self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+        self.module = self.engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed scales by 1/gradient_accumulation_steps and averages gradients over ranks."""
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    @property
+    def lr(self) -> float:
+        return float(self.lr_schedule.get_last_lr()[0])
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def gather_params(self, params: list[torch.nn.Parameter]):
+        """Context in which ZeRO-3 partitioned ``params`` hold their full values (read-only)."""
+        if zero_stage(self.ds_config) != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The full fp32/bf16 state dict on rank 0's CPU, gathered one parameter at a time so no device
+        ever holds the whole model; ``None`` on other ranks."""
+        state: dict[str, torch.Tensor] = {}
+        rank0 = dist.get_rank() == 0
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            with self.gather_params([tensor] if isinstance(tensor, torch.nn.Parameter) else []):
+                if rank0:
+                    state[name] = tensor.detach().to("cpu", copy=True)
+        return state if rank0 else None
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks (a no-op for a world of one). Returns a new tensor."""
+    out = values.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

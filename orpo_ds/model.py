@@ -1,0 +1,67 @@
+"""The policy: a causal LM body plus the chunked log-prob head, in one module the engine wraps.
+
+Under ZeRO-3 the LM head weight is partitioned (numel 0) outside a forward that the engine hooks. So
+the head runs *inside* :meth:`PolicyWithChunkedHead.forward`, and ``engine.register_external_parameter``
+tells ZeRO-3 that this forward reads ``lm_head.weight``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from orpo_ds.logps import chunked_token_logps
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """``auto`` -> flash_attention_2 where flash-attn and CUDA exist, else sdpa (one place to swap)."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+class PolicyWithChunkedHead(nn.Module):
+    """Runs the decoder body on a packed row, then log-probs of the labelled tokens only.
+
+    Only positions in ``head_mask`` reach the head: with the NLL on responses only that is a minority
+    of the tokens, and on a large vocabulary the head dominates the compute.
+    """
+
+    def __init__(self, causal_lm: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.chunk_size = chunk_size
+        config = causal_lm.config
+        # Final-logit transforms some architectures define (Gemma-2 soft-capping, Cohere's scale).
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.causal_lm.get_output_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                head_mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input_ids: ``[1, T]`` one packed row.
+            position_ids: ``[1, T]`` restarting at 0 for each sequence; with no attention mask,
+                transformers derives the sequence boundaries from them (sdpa/eager/flex) or builds
+                ``cu_seqlens`` (flash_attention_2).
+            labels: ``[T]`` next-token target at each position, -100 where none.
+            head_mask: ``[T]`` bool, positions whose log-prob is needed (labels there are valid).
+        Returns:
+            ``[M]`` fp32 log-prob of ``labels[head_mask]``, ``M = head_mask.sum()``.
+        """
+        body = self.causal_lm.get_decoder()
+        # use_cache=False: with a KV cache the packed logits no longer equal the separate ones.
+        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        selected = hidden[0][head_mask]  # [M, H]
+        head = self.head
+        return chunked_token_logps(selected, head.weight, labels[head_mask], bias=head.bias,
+                                   logit_scale=self.logit_scale, softcap=self.softcap,
+                                   chunk_size=self.chunk_size)

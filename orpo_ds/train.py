@@ -1,0 +1,215 @@
+"""The ORPO training loop, top to bottom: data -> packing plan -> model -> engine -> steps -> export.
+
+A global optimizer step is ``train.grad_accum`` micro-batches on each rank; one micro-batch is one packed
+row of at most ``train.micro_batch_tokens`` tokens. The loss is normalised by the step's global NLL-token
+and pair counts, all-reduced before the first forward pass of the step (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from orpo_ds import engine as eng_lib
+from orpo_ds.batch import MicroBatch, dummy_micro_batch, micro_batch_loss, prepare_micro_batch
+from orpo_ds.config import Config, dump_config
+from orpo_ds.data import load_records, tokenize_pairs
+from orpo_ds.loss import STAT_KEYS, orpo_metrics
+from orpo_ds.metrics import MetricsLog, progress_bar
+from orpo_ds.model import PolicyWithChunkedHead, resolve_attn_implementation
+from orpo_ds.packing import TokenizedPair, build_row, pack_pairs, plan_steps, SeparateSequencesLayout
+
+LAYOUT = SeparateSequencesLayout()
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The micro-batches of one optimizer step: ``rows[rank]`` lists grad_accum entries, each a list of
+    pair indices (one packed row) or None (a dummy micro-batch)."""
+
+    epoch: int
+    rows: list[list[list[int] | None]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def plan_epoch(pairs: list[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int,
+               seed: int, epoch: int) -> list[StepPlan]:
+    """Pack the epoch's pairs into rows and deal the rows out to ranks, identically on every rank."""
+    lengths = [LAYOUT.num_tokens(p) for p in pairs]
+    bins = pack_pairs(lengths, micro_batch_tokens, seed=seed, epoch=epoch, pair_ids=[p.pair_id for p in pairs])
+    bin_tokens = [sum(lengths[i] for i in b) for b in bins]
+    return [StepPlan(epoch, [[bins[b] if b is not None else None for b in rank_slots] for rank_slots in step])
+            for step in plan_steps(bin_tokens, world_size, grad_accum)]
+
+
+def plan_run(pairs: list[TokenizedPair], cfg: Config, world_size: int) -> list[StepPlan]:
+    t = cfg.train
+    steps: list[StepPlan] = []
+    for epoch in range(t.epochs):
+        steps += plan_epoch(pairs, t.micro_batch_tokens, world_size, t.grad_accum, t.seed, epoch)
+        if t.max_steps and len(steps) >= t.max_steps:
+            break
+    return steps[: t.max_steps] if t.max_steps else steps
+
+
+def micro_batches_for(plan: StepPlan, rank: int, pairs: list[TokenizedPair], nll_on_prompt: bool,
+                      pad_token_id: int, device: torch.device) -> list[MicroBatch]:
+    return [dummy_micro_batch(pad_token_id, device) if row is None else
+            prepare_micro_batch(build_row([pairs[i] for i in row], LAYOUT), nll_on_prompt=nll_on_prompt,
+                                device=device)
+            for row in plan.rows[rank]]
+
+
+def run_micro_batches(engine, mbs: list[MicroBatch], cfg: Config, world_size: int, train: bool) -> dict[str, float]:
+    """Forward (and backward + step when ``train``) over this rank's micro-batches of one step; returns
+    the step's stats summed over all ranks, plus ``tokens``."""
+    local = torch.tensor([sum(mb.num_pairs for mb in mbs), sum(mb.num_nll_tokens for mb in mbs)], dtype=torch.float64)
+    global_pairs, global_nll_tokens = (int(v) for v in eng_lib.all_reduce_sum(local))
+    # DeepSpeed divides each backward by grad_accum and averages gradients over ranks; undo both so the
+    # step's gradient is exactly the gradient of the globally normalised loss.
+    backward_scale = world_size * cfg.train.grad_accum
+    sums = torch.zeros(len(STAT_KEYS) + 1, dtype=torch.float64)
+    for mb in mbs:
+        with torch.set_grad_enabled(train):
+            token_logps = engine(**mb.model_inputs())
+            loss, stats = micro_batch_loss(token_logps, mb, beta=cfg.loss.beta, global_pairs=max(global_pairs, 1),
+                                           global_nll_tokens=max(global_nll_tokens, 1))
+        if train:
+            engine.backward(loss * backward_scale)
+            engine.step()
+        if stats:
+            sums[:-1] += torch.tensor([float(stats[k]) for k in STAT_KEYS], dtype=torch.float64)
+        sums[-1] += mb.num_tokens
+    sums = eng_lib.all_reduce_sum(sums)
+    out = dict(zip(STAT_KEYS, sums[:-1].tolist()))
+    out["tokens"] = sums[-1].item()
+    return out
+
+
+def evaluate(engine, pairs: list[TokenizedPair], cfg: Config, info, pad_token_id: int) -> dict[str, float]:
+    """Held-out metrics under ``eval/`` names; no gradients. Every rank runs the same number of passes."""
+    engine.eval()
+    totals = dict.fromkeys(STAT_KEYS, 0.0)
+    for plan in plan_epoch(pairs, cfg.train.micro_batch_tokens, info.world_size, 1, cfg.train.seed, 0):
+        mbs = micro_batches_for(plan, info.rank, pairs, cfg.loss.nll_on_prompt, pad_token_id, info.device)
+        stats = run_micro_batches(engine, mbs, cfg, info.world_size, train=False)
+        for k in STAT_KEYS:
+            totals[k] += stats[k]
+    engine.train()
+    return {f"eval/{k}": v for k, v in orpo_metrics(totals, cfg.loss.beta).items()}
+
+
+def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]:
+    """Tokenize on rank 0 first (parallel, cached); the other ranks then read the cache."""
+    d = cfg.data
+    pairs = None
+    for turn in ("main", "others"):
+        if (turn == "main") == info.is_main:
+            records = load_records(source)
+            pairs, report = tokenize_pairs(records, tokenizer, max_length=d.max_length, fmt=d.format,
+                                           truncation=d.truncation, num_proc=d.num_proc, cache_dir=d.cache_dir,
+                                           strict=d.strict, progress=info.is_main)
+            if info.is_main:
+                print(f"[data] {source}: {report.summary()}", flush=True)
+        eng_lib.barrier()
+    if not pairs:
+        raise ValueError(f"data: no usable pairs in {source}")
+    return pairs
+
+
+def build_policy(cfg: Config, ds_config: dict, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    attn = resolve_attn_implementation(cfg.model.attn_implementation)
+    model, keepalive = eng_lib.load_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
+        cfg.model.name_or_path, dtype=dtype, attn_implementation=attn,
+        trust_remote_code=cfg.model.trust_remote_code), ds_config)
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = PolicyWithChunkedHead(model, chunk_size=cfg.loss.chunk_size)
+    eng_lib.register_external_parameter(policy, policy.head.weight)
+    return policy, keepalive
+
+
+def run_training(cfg: Config) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    info = eng_lib.init_distributed()
+    seed_everything(cfg.train.seed)
+    out_dir = Path(cfg.train.output_dir)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(dump_config(cfg))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)
+    eval_pairs = load_pairs(cfg.data.eval, tokenizer, cfg, info) if cfg.data.eval else []
+    steps = plan_run(train_pairs, cfg, info.world_size)
+
+    dtype = eng_lib.resolve_dtype(cfg, info)
+    ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), cfg, info.world_size, dtype)
+    policy, _keepalive = build_policy(cfg, ds_config, dtype)
+    engine = eng_lib.Engine(policy, cfg, ds_config, total_steps=len(steps))
+    log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
+    summary: dict[str, float] = {}
+    if eval_pairs and cfg.train.eval_before:
+        summary["eval_before"] = log.write({"step": 0, **evaluate(engine, eval_pairs, cfg, info, pad_id)})
+
+    engine.train()
+    bar = progress_bar(len(steps), enabled=info.is_main)
+    run_start = time.perf_counter()
+    total_tokens = 0.0
+    for step_index, plan in enumerate(steps, start=1):
+        start = time.perf_counter()
+        mbs = micro_batches_for(plan, info.rank, train_pairs, cfg.loss.nll_on_prompt, pad_id, info.device)
+        stats = run_micro_batches(engine, mbs, cfg, info.world_size, train=True)
+        seconds = time.perf_counter() - start
+        total_tokens += stats["tokens"]
+        real_rows = sum(row is not None for rank_rows in plan.rows for row in rank_rows)
+        record = {"step": step_index, "epoch": plan.epoch, **orpo_metrics(stats, cfg.loss.beta),
+                  "grad_norm": engine.grad_norm(), "lr": engine.lr, "pairs": int(stats["pairs"]),
+                  "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / seconds,
+                  "packing_efficiency": stats["tokens"] / (real_rows * cfg.train.micro_batch_tokens),
+                  "step_s": seconds}
+        if eval_pairs and cfg.train.eval_steps and step_index % cfg.train.eval_steps == 0 and step_index < len(steps):
+            record.update(evaluate(engine, eval_pairs, cfg, info, pad_id))
+        if step_index % cfg.train.log_steps == 0 or step_index == len(steps):
+            log.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        summary["last"] = record
+    bar.close()
+    wall = time.perf_counter() - run_start
+    if eval_pairs:
+        summary["eval_after"] = log.write({"step": len(steps), **evaluate(engine, eval_pairs, cfg, info, pad_id)})
+    summary["train_wall_s"] = wall
+    summary["tokens_per_s"] = total_tokens / wall if wall > 0 else 0.0
+    if cfg.train.export:
+        summary["export_dir"] = str(export_model(engine, policy, tokenizer, out_dir / "final", info))
+    if info.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    eng_lib.barrier()
+    return summary
+
+
+def export_model(engine, policy: PolicyWithChunkedHead, tokenizer, out_dir: Path, info) -> Path:
+    """Write a transformers folder (safetensors, config, tokenizer, chat template) from rank 0."""
+    state = engine.full_state_dict(policy.causal_lm)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        policy.causal_lm.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    eng_lib.barrier()
+    return out_dir

@@ -1,0 +1,92 @@
+"""Config: YAML + dotted overrides, validation errors that name the key, DeepSpeed JSON injection."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from orpo_ds.config import ConfigError, load_config, parse_override
+from orpo_ds.engine import build_ds_config, read_ds_config
+
+BASE = ["model.name_or_path=some/model", "data.train=pairs.jsonl"]
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name_or_path: m\ndata:\n  train: t.jsonl\n  max_length: 256\n"
+                    "train:\n  lr: 1.0e-5\n  micro_batch_tokens: 4096\n")
+    cfg = load_config(path, ["train.lr=2e-5", "loss.beta=0.5", "loss.nll_on_prompt=true", "train.adam_betas=[0.9,0.95]"])
+    assert cfg.model.name_or_path == "m"
+    assert cfg.data.max_length == 256
+    assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.loss.beta == 0.5 and cfg.loss.nll_on_prompt is True
+    assert cfg.train.adam_betas == (0.9, 0.95)
+    assert cfg.train.micro_batch_tokens == 4096
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=-1", "train.lr"),
+    ("train.lrr=1", "train.lrr"),
+    ("trian.lr=1", "trian"),
+    ("model.attn_implementation=magic", "model.attn_implementation"),
+    ("train.grad_accum=1.5", "train.grad_accum"),
+    ("loss.nll_on_prompt=maybe", "loss.nll_on_prompt"),
+    ("data.max_length=8192", "train.micro_batch_tokens"),
+    ("data.truncation=right", "data.truncation"),
+])
+def test_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, BASE + [override])
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_missing_required_keys_say_how_to_fix():
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        load_config(None, ["data.train=x.jsonl"])
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config(None, ["model.name_or_path=m"])
+
+
+def test_override_parsing():
+    assert parse_override("train.lr=1e-5") == ("train.lr", 1e-5)
+    assert parse_override("data.train=a/b.c.jsonl") == ("data.train", "a/b.c.jsonl")
+    assert parse_override("train.max_steps=10") == ("train.max_steps", 10)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.lr")
+
+
+def test_cli_config_error_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "orpo_ds", "train", "model.name_or_path=m", "data.train=x",
+                           "train.lr=0"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "zero2.json", "zero0.json"])
+def test_ds_configs_inject_batch_clipping_precision(name):
+    cfg = load_config(None, BASE + ["train.grad_accum=3", "train.max_grad_norm=0.5"])
+    ds = build_ds_config(read_ds_config(f"ds_configs/{name}"), cfg, world_size=4, dtype=torch.bfloat16)
+    assert ds["train_micro_batch_size_per_gpu"] == 1
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 12
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+
+
+def test_ds_config_conflicts_are_errors():
+    cfg = load_config(None, BASE + ["train.grad_accum=2"])
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        build_ds_config({"gradient_accumulation_steps": 4}, cfg, 1, torch.float32)
+    with pytest.raises(ConfigError, match="bf16"):
+        build_ds_config({"bf16": {"enabled": True}}, cfg, 1, torch.float32)
+    with pytest.raises(ConfigError, match="optimizer"):
+        build_ds_config({"optimizer": {"type": "Adam"}}, cfg, 1, torch.float32)
+    ok = build_ds_config({"gradient_accumulation_steps": "auto", "gradient_clipping": 1.0}, cfg, 2, torch.float32)
+    assert ok["gradient_accumulation_steps"] == 2 and ok["train_batch_size"] == 4
+
+
+def test_missing_ds_config_file():
+    with pytest.raises(ConfigError, match="deepspeed.config"):
+        read_ds_config("ds_configs/nope.json")
