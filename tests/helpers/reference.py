@@ -1,0 +1,54 @@
+"""A naive, padded ORPO reference in the style of TRL's ORPOTrainer, for parity tests of the fast path.
+
+Full [B, T, V] logits, right padding with an attention mask, log1p(-exp(.)) as TRL writes it, and a plain
+torch optimizer: nothing shared with the trainer's packing, chunked head or DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def padded_batch(pairs, pad_id: int):
+    """Rows 0..P-1: prompt + chosen; rows P..2P-1: prompt + rejected. Returns ids, attention mask,
+    response mask and prompt mask, all [2P, T] (masks mark the *token*, not the predicting position)."""
+    seqs, resp, prompt = [], [], []
+    for part in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            r = list(getattr(p, part))
+            seqs.append(list(p.prompt_ids) + r)
+            prompt.append([1] * len(p.prompt_ids) + [0] * len(r))
+            resp.append([0] * len(p.prompt_ids) + [1] * len(r))
+    width = max(map(len, seqs))
+
+    def pad(rows, value):
+        return torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
+    return pad(seqs, pad_id), pad([[1] * len(s) for s in seqs], 0), pad(resp, 0).bool(), pad(prompt, 0).bool()
+
+
+def reference_step_loss(model, pairs, *, beta: float, nll_on_prompt: bool, pad_id: int):
+    """Loss and TRL-named metrics of one step over ``pairs``, computed the slow, obvious way."""
+    ids, attn, resp, prompt = padded_batch(pairs, pad_id)
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()  # [2P, T, V]
+    logp_all = torch.log_softmax(logits[:, :-1], dim=-1)
+    target = ids[:, 1:]
+    token_logp = logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [2P, T-1]
+    resp_t = resp[:, 1:]
+    avg = (token_logp * resp_t).sum(-1) / resp_t.sum(-1)
+    n = len(pairs)
+    c, r = avg[:n], avg[n:]
+    nll_mask = resp_t[:n] | (prompt[:n, 1:] if nll_on_prompt else torch.zeros_like(resp_t[:n]))
+    nll_loss = -(token_logp[:n] * nll_mask).sum() / nll_mask.sum()
+    log_odds = (c - r) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(r)))
+    ratio = F.logsigmoid(log_odds)
+    loss = nll_loss - beta * ratio.mean()
+    metrics = {
+        "loss": loss.item(), "nll_loss": nll_loss.item(), "log_odds_ratio": ratio.mean().item(),
+        "log_odds_chosen": log_odds.mean().item(), "rewards/chosen": beta * c.mean().item(),
+        "rewards/rejected": beta * r.mean().item(), "rewards/margins": beta * (c - r).mean().item(),
+        "rewards/accuracies": (c > r).float().mean().item(), "logps/chosen": c.mean().item(),
+        "logps/rejected": r.mean().item(),
+    }
+    return loss, metrics
