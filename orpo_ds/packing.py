@@ -1,0 +1,492 @@
+"""Padding-free packing of preference pairs: a pure data-stage transform with a written contract.
+
+Pipeline (all pure: no torch.distributed, engine, config object or logging in here)::
+
+    pairs ─layout.num_tokens─► pack_pairs ─► bins ─► plan_steps ─► steps[step][rank] = bin or None
+                                              └─► build_row(pairs of a bin) ─► PackedRow ─► collate
+
+* :func:`pack_pairs` puts pairs into bins of at most ``micro_batch_tokens`` tokens (best-fit-decreasing). A
+  pair is the unit of packing, so its chosen and rejected sequences always land in the same row.
+* :func:`plan_steps` deals the bins of each optimizer step to ranks and micro-batch slots, filling the
+  last step's empty slots with ``None`` (run :func:`dummy_row` there: ZeRO-3 needs every rank in every pass).
+* :func:`build_row` lays the pairs of one bin out in one row (batch dim 1, no padding) and
+  :func:`collate` turns it into tensors. The model runs on it with ``position_ids`` and
+  ``use_cache=False`` and *no* attention mask: transformers then finds the sequence boundaries where the
+  position ids stop increasing by 1 (sdpa/eager/flex) or derives ``cu_seqlens`` from them (flash).
+
+Row contract (``T`` tokens, ``S`` sequences, ``P`` pairs; order: pair by pair, and within a pair its
+chosen sequence, then its rejected sequence, so sequence ``2p`` is chosen and ``2p + 1`` rejected with
+:class:`SeparateSequencesLayout`):
+
+* ``labels[t]`` is the *next-token target* of position ``t``: ``input_ids[t + 1]`` when ``t + 1`` is in the
+  same sequence, else ``IGNORE_INDEX`` (-100; the last token of every sequence). The shift is done here,
+  per sequence, so it never crosses a boundary. Do NOT pass these labels to a Hugging Face model's
+  ``labels=`` argument: it would shift them a second time.
+* Prompt-predicting positions carry labels too (for ``nll_on_prompt``); ``response_mask[t]`` is True where
+  ``labels[t]`` is a response token (chosen or rejected, the closing EOS included).
+* With an empty prompt the first response token has no context and is not predicted, so that sequence
+  scores ``len(response) - 1`` tokens; otherwise all ``len(response)`` tokens are scored.
+
+Worked example. One pair, ``pair_id=7``, prompt ``(11, 12)``, chosen ``(21, 22, 2)``, rejected
+``(31, 2)`` (2 is EOS). Sequence 0 = prompt + chosen, sequence 1 = prompt + rejected; ``T = 9``, ``S = 2``::
+
+    t               0    1    2    3    4  |  5    6    7    8
+    input_ids      11   12   21   22    2  | 11   12   31    2
+    position_ids    0    1    2    3    4  |  0    1    2    3
+    labels         12   21   22    2 -100  | 12   31    2 -100
+    response_mask   F    T    T    T    F  |  F    T    T    F
+    seq_id          0    0    0    0    0  |  1    1    1    1
+
+    seq_pair_index = [0, 0]    seq_pair_id = [7, 7]    seq_is_chosen = [True, False]
+    seq_lengths    = [5, 4]    num_pairs   = 1
+
+The chosen response scores 21, 22, 2 (at t = 1, 2, 3); the rejected one 31, 2 (at t = 6, 7). Position 4
+would "predict" the first token of the next sequence, so its label is -100.
+
+Layouts. A :class:`PairLayout` decides how a pair's tokens sit in a row: it reports ``num_tokens(pair)``
+(what the packer budgets) and emits :class:`Segment` objects (what the row builder concatenates). A later
+``SharedPrefixLayout`` (prompt once; chosen after it; rejected with position ids continuing from the
+prompt end) slots in as another layout: it emits its own segments and sets ``needs_attention_mask``, and
+only :func:`build_row`/:func:`collate` learn to turn that into a block mask. The callers of
+:func:`pack_pairs` and :func:`collate` do not change.
+"""
+
+from __future__ import annotations
+
+import abc
+import heapq
+from bisect import bisect_left, insort
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IGNORE_INDEX", "DUMMY_PAIR_ID", "TokenizedPair", "Segment", "PairLayout", "SeparateSequencesLayout",
+    "DEFAULT_LAYOUT", "PackedRow", "pack_pairs", "packing_efficiency", "plan_steps", "build_row",
+    "collate", "dummy_row",
+]
+
+IGNORE_INDEX = -100
+# seq_pair_id / seq_pair_index of the one sequence of a dummy row: it belongs to no pair.
+DUMMY_PAIR_ID = -1
+
+_FIX = "raise train.micro_batch_tokens to >= {n} or lower data.max_length"
+
+
+# --------------------------------------------------------------------------------------------- input
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """One preference pair, tokenized. Produced by the data pipeline.
+
+    Attributes:
+        pair_id: index of the source row in the dataset (for error messages and logs).
+        prompt_ids: prompt tokens; may be empty.
+        chosen_ids: chosen response tokens, non-empty, EOS already appended.
+        rejected_ids: rejected response tokens, same rules.
+    """
+
+    pair_id: int
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience and frozen into tuples (the dataclass is hashable then).
+        for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        for name in ("chosen_ids", "rejected_ids"):
+            # Each response needs at least one predicted token, or its average log-prob is 0/0 = NaN.
+            # Without a prompt the first response token is not predicted by anything.
+            n_scored = len(getattr(self, name)) - (0 if self.prompt_ids else 1)
+            if n_scored < 1:
+                raise ValueError(
+                    f"pair {self.pair_id}: {name} has {len(getattr(self, name))} token(s) and the prompt "
+                    f"{len(self.prompt_ids)}, which leaves no response token to score; a response needs "
+                    f">= 1 token after a non-empty prompt, >= 2 without one")
+
+
+# -------------------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence of a row (one ``seq_id``), as a layout places it. Arrays are ``[L]``.
+
+    With :class:`SeparateSequencesLayout` it is prompt + response with positions from 0. A shared-prefix
+    layout would emit prompt + chosen, then the rejected response alone with positions continuing from the
+    prompt end (and describe what it attends to).
+
+    Attributes:
+        input_ids: ``[L]`` int64.
+        position_ids: ``[L]`` int64.
+        labels: ``[L]`` int64, next-token target of each position, ``IGNORE_INDEX`` where none.
+        response_mask: ``[L]`` bool, True where ``labels`` is a response token.
+        is_chosen: whether the sequence is the pair's chosen (else rejected) one.
+    """
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    labels: np.ndarray
+    response_mask: np.ndarray
+    is_chosen: bool
+
+
+class PairLayout(abc.ABC):
+    """How a pair's tokens are laid out in a row. Stateless; subclasses must keep
+    ``num_tokens(pair) == sum(len(s.input_ids) for s in segments(pair))`` (build_row checks it), since the
+    packer budgets with the former and the row is built from the latter."""
+
+    # True for layouts whose sequences cannot be told apart from position ids alone (e.g. a shared prefix):
+    # those need an explicit attention mask, which the separate layout never does.
+    needs_attention_mask: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def num_tokens(self, pair: TokenizedPair) -> int:
+        """Tokens the pair occupies in a row."""
+
+    @abc.abstractmethod
+    def segments(self, pair: TokenizedPair) -> list[Segment]:
+        """The pair's segments, in row order."""
+
+
+def _sequence_segment(prompt: tuple[int, ...], response: tuple[int, ...], is_chosen: bool) -> Segment:
+    """One sequence ``prompt + response``, positions from 0, labels shifted within the sequence."""
+    input_ids = np.asarray(prompt + response, dtype=np.int64)
+    length = input_ids.shape[0]
+    labels = np.full(length, IGNORE_INDEX, dtype=np.int64)
+    labels[:-1] = input_ids[1:]
+    # Position t predicts token t + 1, a response token iff t + 1 >= len(prompt); the last position
+    # predicts nothing.
+    response_mask = np.zeros(length, dtype=bool)
+    response_mask[max(len(prompt) - 1, 0):length - 1] = True
+    return Segment(input_ids, np.arange(length, dtype=np.int64), labels, response_mask, is_chosen)
+
+
+class SeparateSequencesLayout(PairLayout):
+    """Two independent sequences, ``[prompt + chosen]`` then ``[prompt + rejected]``, each with position
+    ids from 0. The prompt is stored twice: ``2*len(prompt) + len(chosen) + len(rejected)`` tokens."""
+
+    def num_tokens(self, pair: TokenizedPair) -> int:
+        return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+    def segments(self, pair: TokenizedPair) -> list[Segment]:
+        return [_sequence_segment(pair.prompt_ids, pair.chosen_ids, is_chosen=True),
+                _sequence_segment(pair.prompt_ids, pair.rejected_ids, is_chosen=False)]
+
+
+DEFAULT_LAYOUT: PairLayout = SeparateSequencesLayout()
+
+
+# ------------------------------------------------------------------------------------------ the packer
+
+
+def _check_int_at_least(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _pair_sizes(pair_num_tokens: Sequence[int], micro_batch_tokens: int,
+                pair_ids: Sequence[int] | None) -> np.ndarray:
+    """Validated ``[N]`` int64 sizes. Every pair must fit: a pair is never silently dropped."""
+    _check_int_at_least("micro_batch_tokens", micro_batch_tokens, 1)
+    sizes = np.asarray(pair_num_tokens)
+    if sizes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if sizes.ndim != 1 or sizes.dtype.kind not in "iu":
+        raise ValueError(f"pair_num_tokens must be a 1-D sequence of ints, got dtype {sizes.dtype} "
+                         f"shape {sizes.shape}")
+    sizes = sizes.astype(np.int64)
+    if pair_ids is not None and len(pair_ids) != len(sizes):
+        raise ValueError(f"pair_ids has {len(pair_ids)} entries for {len(sizes)} pairs")
+
+    def pid(i: int) -> int:
+        return int(pair_ids[i]) if pair_ids is not None else i
+
+    if sizes.min() < 1:
+        i = int(np.argmin(sizes))
+        raise ValueError(f"pair {pid(i)} has {int(sizes[i])} tokens; every pair needs >= 1")
+    too_long = np.flatnonzero(sizes > micro_batch_tokens)
+    if too_long.size:
+        # Name the longest so that one change of the budget fixes every offender.
+        i = int(too_long[np.argmax(sizes[too_long])])
+        n = int(sizes[i])
+        raise ValueError(
+            f"pair {pid(i)} has {n} tokens, more than train.micro_batch_tokens={micro_batch_tokens} "
+            f"({too_long.size} pair(s) too long, this is the longest): {_FIX.format(n=n)}")
+    return sizes
+
+
+def _best_fit(order: np.ndarray, sizes: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best fit: each item goes to the open bin with the least free space that still holds it.
+
+    ``free_caps`` is the sorted list of distinct free capacities of open bins and ``bins_with_free`` maps
+    each to a stack of bin ids, so a lookup is one bisect: O(N log B) plus list shifts of at most
+    ``min(B, capacity)`` ints, instead of O(N*B) scans.
+    """
+    size_list = sizes.tolist()
+    bins: list[list[int]] = []
+    bins_with_free: dict[int, list[int]] = {}
+    free_caps: list[int] = []
+    for i in order.tolist():
+        size = size_list[i]
+        k = bisect_left(free_caps, size)
+        if k == len(free_caps):  # no open bin holds it
+            b = len(bins)
+            bins.append([i])
+            free = capacity - size
+        else:
+            old_free = free_caps[k]
+            stack = bins_with_free[old_free]
+            b = stack.pop()
+            if not stack:
+                del bins_with_free[old_free]
+                free_caps.pop(k)
+            bins[b].append(i)
+            free = old_free - size
+        if free > 0:  # a full bin is closed for good
+            stack = bins_with_free.get(free)
+            if stack is None:
+                bins_with_free[free] = [b]
+                insort(free_caps, free)
+            else:
+                stack.append(b)
+    return bins
+
+
+def pack_pairs(pair_num_tokens: Sequence[int], micro_batch_tokens: int, *, seed: int, epoch: int,
+               pair_ids: Sequence[int] | None = None) -> list[list[int]]:
+    """Pack pairs into bins of at most ``micro_batch_tokens`` tokens (best-fit-decreasing).
+
+    Args:
+        pair_num_tokens: ``[N]`` tokens of each pair in a row (``layout.num_tokens(pair)``).
+        micro_batch_tokens: token budget of one row.
+        seed, epoch: non-negative; the result is a deterministic function of them (and the sizes).
+            Pairs are shuffled before the stable size sort, so equal-size pairs are ordered differently
+            each epoch, and the bins are shuffled so rows of all sizes mix through the epoch.
+        pair_ids: ``[N]`` ids used in error messages (default: the positions ``0..N-1``).
+    Returns:
+        Bins: lists of indices into ``pair_num_tokens``; every index appears in exactly one bin.
+    Raises:
+        ValueError: a pair longer than the budget (named, with its length and the fix), or bad arguments.
+    """
+    sizes = _pair_sizes(pair_num_tokens, micro_batch_tokens, pair_ids)
+    _check_int_at_least("seed", seed, 0)
+    _check_int_at_least("epoch", epoch, 0)
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    shuffled = rng.permutation(sizes.shape[0])
+    order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]
+    bins = _best_fit(order, sizes, int(micro_batch_tokens))
+    return [bins[b] for b in rng.permutation(len(bins)).tolist()]
+
+
+def packing_efficiency(bins: Sequence[Sequence[int]], pair_num_tokens: Sequence[int],
+                       micro_batch_tokens: int) -> float:
+    """Real tokens over the capacity of the bins: ``sum(tokens) / (len(bins) * micro_batch_tokens)``.
+    0.0 for no bins."""
+    _check_int_at_least("micro_batch_tokens", micro_batch_tokens, 1)
+    if not bins:
+        return 0.0
+    sizes = np.asarray(pair_num_tokens, dtype=np.int64)
+    used = sum(int(sizes[list(b)].sum()) for b in bins)
+    return used / (len(bins) * micro_batch_tokens)
+
+
+# ------------------------------------------------------------------------------------- step planning
+
+
+def _assign_step(bin_indices: Sequence[int], tokens: Sequence[int], world_size: int,
+                 grad_accum: int) -> list[list[int | None]]:
+    """Longest-processing-time greedy: the biggest bin first, to the rank with the fewest tokens that still
+    has a free slot (ties to the lowest rank). Returns ``[world_size][grad_accum]``, ``None`` for a slot
+    with no bin. Each rank's bins keep the global bin order."""
+    by_size = sorted(bin_indices, key=lambda b: (-tokens[b], b))
+    open_ranks = [(0, rank) for rank in range(world_size)]  # (tokens so far, rank): a min-heap
+    assigned: list[list[int]] = [[] for _ in range(world_size)]
+    for b in by_size:
+        load, rank = heapq.heappop(open_ranks)
+        assigned[rank].append(b)
+        if len(assigned[rank]) < grad_accum:
+            heapq.heappush(open_ranks, (load + tokens[b], rank))
+    return [sorted(bins) + [None] * (grad_accum - len(bins)) for bins in assigned]
+
+
+def plan_steps(bin_num_tokens: Sequence[int], world_size: int,
+               grad_accum: int) -> list[list[list[int | None]]]:
+    """Deal bins to optimizer steps, ranks and micro-batch slots.
+
+    A step consumes ``world_size * grad_accum`` consecutive bins; within it, bins go to ranks so that
+    their token counts balance (max - min <= the largest bin of the step).
+
+    Args:
+        bin_num_tokens: ``[B]`` tokens of each bin, in the order the bins are consumed.
+        world_size, grad_accum: ranks, and micro-batches per rank per step.
+    Returns:
+        ``steps[step][rank]`` = exactly ``grad_accum`` bin indices. ``None`` (only in the last step, after
+        the rank's real bins) marks a slot with no bin: run :func:`dummy_row` there, since every rank must
+        make ``grad_accum`` forward/backward passes for ZeRO-3's collectives. Every bin is used once.
+    """
+    _check_int_at_least("world_size", world_size, 1)
+    _check_int_at_least("grad_accum", grad_accum, 1)
+    tokens = [int(t) for t in bin_num_tokens]
+    if any(t < 0 for t in tokens):
+        raise ValueError("bin_num_tokens must be >= 0")
+    slots = world_size * grad_accum
+    return [_assign_step(range(start, min(start + slots, len(tokens))), tokens, world_size, grad_accum)
+            for start in range(0, len(tokens), slots)]
+
+
+# ------------------------------------------------------------------------------- row building, collate
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """One packed row (numpy). ``T`` tokens, ``S`` sequences, ``P = num_pairs`` pairs.
+
+    Attributes:
+        input_ids: ``[T]`` int64.
+        position_ids: ``[T]`` int64, restarting at 0 for each sequence.
+        labels: ``[T]`` int64, ``input_ids[t + 1]`` when ``t + 1`` is in the same sequence, else -100.
+        response_mask: ``[T]`` bool, True where ``labels[t]`` is a response token (EOS included).
+        seq_id: ``[T]`` int64 in ``[0, S)``, non-decreasing.
+        seq_pair_index: ``[S]`` int64, index of the sequence's pair within the row (``0..P-1``).
+        seq_pair_id: ``[S]`` int64, ``TokenizedPair.pair_id``.
+        seq_is_chosen: ``[S]`` bool.
+        seq_lengths: ``[S]`` int64, sums to ``T``.
+        num_pairs: ``P``; 0 only for :func:`dummy_row`.
+    """
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    labels: np.ndarray
+    response_mask: np.ndarray
+    seq_id: np.ndarray
+    seq_pair_index: np.ndarray
+    seq_pair_id: np.ndarray
+    seq_is_chosen: np.ndarray
+    seq_lengths: np.ndarray
+    num_pairs: int
+
+    def __post_init__(self) -> None:
+        # Cheap shape checks: a malformed row fails here, not as a cryptic index error in the loss.
+        t = self.input_ids.shape
+        s = self.seq_lengths.shape
+        for name in ("position_ids", "labels", "response_mask", "seq_id"):
+            if getattr(self, name).shape != t:
+                raise ValueError(f"PackedRow.{name} has shape {getattr(self, name).shape}, expected {t}")
+        for name in ("seq_pair_index", "seq_pair_id", "seq_is_chosen"):
+            if getattr(self, name).shape != s:
+                raise ValueError(f"PackedRow.{name} has shape {getattr(self, name).shape}, expected {s}")
+        if int(self.seq_lengths.sum()) != t[0]:
+            raise ValueError(f"PackedRow.seq_lengths sum to {int(self.seq_lengths.sum())}, not T={t[0]}")
+
+    @property
+    def num_tokens(self) -> int:
+        """``T``."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def is_dummy(self) -> bool:
+        """True for :func:`dummy_row` (no pairs, no labels)."""
+        return self.num_pairs == 0
+
+
+def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOUT) -> PackedRow:
+    """Lay the pairs of one bin out in one row: pair by pair, each pair's segments in the layout's order
+    (chosen, then rejected, for :class:`SeparateSequencesLayout`). See the module docstring's example.
+
+    Args:
+        pairs: ``P >= 1`` pairs (use :func:`dummy_row` for an empty slot).
+        layout: how each pair is laid out.
+    Returns:
+        A :class:`PackedRow` with ``T = sum(layout.num_tokens(p))`` tokens.
+    """
+    if layout.needs_attention_mask:
+        raise NotImplementedError(f"{type(layout).__name__} needs an attention mask, which build_row does "
+                                  "not build yet")
+    if not pairs:
+        raise ValueError("build_row needs at least one pair; use dummy_row() for a slot with no bin")
+    segments: list[Segment] = []
+    seq_pair_index: list[int] = []
+    seq_pair_id: list[int] = []
+    for index, pair in enumerate(pairs):
+        pair_segments = layout.segments(pair)
+        laid_out = sum(len(s.input_ids) for s in pair_segments)
+        if laid_out != layout.num_tokens(pair):
+            raise ValueError(f"{type(layout).__name__} laid out {laid_out} tokens for pair {pair.pair_id} "
+                             f"but num_tokens says {layout.num_tokens(pair)}: the packer's budget is wrong")
+        segments.extend(pair_segments)
+        seq_pair_index.extend([index] * len(pair_segments))
+        seq_pair_id.extend([pair.pair_id] * len(pair_segments))
+
+    seq_lengths = np.array([len(s.input_ids) for s in segments], dtype=np.int64)
+    return PackedRow(
+        input_ids=np.concatenate([s.input_ids for s in segments]),
+        position_ids=np.concatenate([s.position_ids for s in segments]),
+        labels=np.concatenate([s.labels for s in segments]),
+        response_mask=np.concatenate([s.response_mask for s in segments]),
+        seq_id=np.repeat(np.arange(len(segments), dtype=np.int64), seq_lengths),
+        seq_pair_index=np.array(seq_pair_index, dtype=np.int64),
+        seq_pair_id=np.array(seq_pair_id, dtype=np.int64),
+        seq_is_chosen=np.array([s.is_chosen for s in segments], dtype=bool),
+        seq_lengths=seq_lengths,
+        num_pairs=len(pairs),
+    )
+
+
+def dummy_row(pad_token_id: int) -> PackedRow:
+    """A stand-in row for a slot with no bin (see :func:`plan_steps`): ``T = 1``, ``S = 1``, ``P = 0``.
+
+    The single token ``pad_token_id`` (position 0) forms one sequence that belongs to no pair:
+    ``seq_pair_index = seq_pair_id = [DUMMY_PAIR_ID]`` (-1), ``seq_is_chosen = [False]``, label -100,
+    no response token. The trainer must still run forward and backward on it (ZeRO-3 gathers parameters
+    in both) but with a zero loss: check ``row.is_dummy`` / ``num_pairs == 0`` and use e.g.
+    ``0 * hidden.sum()``, never split its sequences into chosen/rejected.
+    """
+    return PackedRow(
+        input_ids=np.array([pad_token_id], dtype=np.int64),
+        position_ids=np.zeros(1, dtype=np.int64),
+        labels=np.full(1, IGNORE_INDEX, dtype=np.int64),
+        response_mask=np.zeros(1, dtype=bool),
+        seq_id=np.zeros(1, dtype=np.int64),
+        seq_pair_index=np.full(1, DUMMY_PAIR_ID, dtype=np.int64),
+        seq_pair_id=np.full(1, DUMMY_PAIR_ID, dtype=np.int64),
+        seq_is_chosen=np.zeros(1, dtype=bool),
+        seq_lengths=np.ones(1, dtype=np.int64),
+        num_pairs=0,
+    )
+
+
+def collate(row: PackedRow, device: torch.device | str | None = None) -> dict[str, torch.Tensor | int]:
+    """Tensors for one micro-batch.
+
+    Returns:
+        ``input_ids`` and ``position_ids`` ``[1, T]`` int64 (batch dim 1, for the model); ``labels``,
+        ``seq_id`` ``[T]`` int64; ``response_mask`` ``[T]`` bool; ``seq_pair_index``, ``seq_pair_id``,
+        ``seq_lengths`` ``[S]`` int64; ``seq_is_chosen`` ``[S]`` bool; all on ``device``. ``num_pairs``
+        is a Python int, so global counts need no device sync.
+    """
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        # Copy on the CPU too, so that in-place edits of a batch never reach the (frozen) row.
+        return t.to(device) if device is not None else t.clone()
+
+    return {
+        "input_ids": tensor(row.input_ids).unsqueeze(0),
+        "position_ids": tensor(row.position_ids).unsqueeze(0),
+        "labels": tensor(row.labels),
+        "response_mask": tensor(row.response_mask),
+        "seq_id": tensor(row.seq_id),
+        "seq_pair_index": tensor(row.seq_pair_index),
+        "seq_pair_id": tensor(row.seq_pair_id),
+        "seq_is_chosen": tensor(row.seq_is_chosen),
+        "seq_lengths": tensor(row.seq_lengths),
+        "num_pairs": row.num_pairs,
+    }
