@@ -8,7 +8,7 @@ Pipeline (all pure: no torch.distributed, engine, config object or logging in he
 * :func:`pack_pairs` puts pairs into bins of at most ``micro_batch_tokens`` tokens (best-fit-decreasing). A
   pair is the unit of packing, so its chosen and rejected sequences always land in the same row.
 * :func:`plan_steps` deals the bins of each optimizer step to ranks and micro-batch slots, filling the
-  last step's empty slots with ``None`` (run :func:`dummy_row` there: ZeRO-3 needs every rank in every pass).
+  last step's empty slots with ``None`` (the trainer runs ``orpo_ds.batch.dummy_micro_batch`` there: ZeRO-3 needs every rank in every pass).
 * :func:`build_row` lays the pairs of one bin out in one row (batch dim 1, no padding) and
   :func:`collate` turns it into tensors. The model runs on it with ``position_ids`` and
   ``use_cache=False`` and *no* attention mask: transformers then finds the sequence boundaries where the
@@ -64,14 +64,12 @@ import numpy as np
 import torch
 
 __all__ = [
-    "IGNORE_INDEX", "DUMMY_PAIR_ID", "TokenizedPair", "Segment", "PairLayout", "SeparateSequencesLayout",
+    "IGNORE_INDEX", "TokenizedPair", "Segment", "PairLayout", "SeparateSequencesLayout",
     "DEFAULT_LAYOUT", "PackedRow", "pack_pairs", "packing_efficiency", "plan_steps", "build_row",
-    "collate", "dummy_row",
+    "collate",
 ]
 
 IGNORE_INDEX = -100
-# seq_pair_id / seq_pair_index of the one sequence of a dummy row: it belongs to no pair.
-DUMMY_PAIR_ID = -1
 
 _FIX = "raise train.micro_batch_tokens to >= {n} or lower data.max_length"
 
@@ -329,7 +327,7 @@ def plan_steps(bin_num_tokens: Sequence[int], world_size: int,
         world_size, grad_accum: ranks, and micro-batches per rank per step.
     Returns:
         ``steps[step][rank]`` = exactly ``grad_accum`` bin indices. ``None`` (only in the last step, after
-        the rank's real bins) marks a slot with no bin: run :func:`dummy_row` there, since every rank must
+        the rank's real bins) marks a slot with no bin: run ``orpo_ds.batch.dummy_micro_batch`` there, since every rank must
         make ``grad_accum`` forward/backward passes for ZeRO-3's collectives. Every bin is used once.
     """
     _check_int_at_least("world_size", world_size, 1)
@@ -359,7 +357,7 @@ class PackedRow:
         seq_pair_id: ``[S]`` int64, ``TokenizedPair.pair_id``.
         seq_is_chosen: ``[S]`` bool.
         seq_lengths: ``[S]`` int64, sums to ``T``.
-        num_pairs: ``P``; 0 only for :func:`dummy_row`.
+        num_pairs: ``P >= 1``.
     """
 
     input_ids: np.ndarray
@@ -391,10 +389,6 @@ class PackedRow:
         """``T``."""
         return int(self.input_ids.shape[0])
 
-    @property
-    def is_dummy(self) -> bool:
-        """True for :func:`dummy_row` (no pairs, no labels)."""
-        return self.num_pairs == 0
 
 
 def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOUT) -> PackedRow:
@@ -402,7 +396,7 @@ def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOU
     (chosen, then rejected, for :class:`SeparateSequencesLayout`). See the module docstring's example.
 
     Args:
-        pairs: ``P >= 1`` pairs (use :func:`dummy_row` for an empty slot).
+        pairs: ``P >= 1`` pairs (an empty slot runs ``orpo_ds.batch.dummy_micro_batch`` instead).
         layout: how each pair is laid out.
     Returns:
         A :class:`PackedRow` with ``T = sum(layout.num_tokens(p))`` tokens.
@@ -411,7 +405,7 @@ def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOU
         raise NotImplementedError(f"{type(layout).__name__} needs an attention mask, which build_row does "
                                   "not build yet")
     if not pairs:
-        raise ValueError("build_row needs at least one pair; use dummy_row() for a slot with no bin")
+        raise ValueError("build_row needs at least one pair; an empty slot runs orpo_ds.batch.dummy_micro_batch")
     segments: list[Segment] = []
     seq_pair_index: list[int] = []
     seq_pair_id: list[int] = []
@@ -437,29 +431,6 @@ def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOU
         seq_is_chosen=np.array([s.is_chosen for s in segments], dtype=bool),
         seq_lengths=seq_lengths,
         num_pairs=len(pairs),
-    )
-
-
-def dummy_row(pad_token_id: int) -> PackedRow:
-    """A stand-in row for a slot with no bin (see :func:`plan_steps`): ``T = 1``, ``S = 1``, ``P = 0``.
-
-    The single token ``pad_token_id`` (position 0) forms one sequence that belongs to no pair:
-    ``seq_pair_index = seq_pair_id = [DUMMY_PAIR_ID]`` (-1), ``seq_is_chosen = [False]``, label -100,
-    no response token. The trainer must still run forward and backward on it (ZeRO-3 gathers parameters
-    in both) but with a zero loss: check ``row.is_dummy`` / ``num_pairs == 0`` and use e.g.
-    ``0 * hidden.sum()``, never split its sequences into chosen/rejected.
-    """
-    return PackedRow(
-        input_ids=np.array([pad_token_id], dtype=np.int64),
-        position_ids=np.zeros(1, dtype=np.int64),
-        labels=np.full(1, IGNORE_INDEX, dtype=np.int64),
-        response_mask=np.zeros(1, dtype=bool),
-        seq_id=np.zeros(1, dtype=np.int64),
-        seq_pair_index=np.full(1, DUMMY_PAIR_ID, dtype=np.int64),
-        seq_pair_id=np.full(1, DUMMY_PAIR_ID, dtype=np.int64),
-        seq_is_chosen=np.zeros(1, dtype=bool),
-        seq_lengths=np.ones(1, dtype=np.int64),
-        num_pairs=0,
     )
 
 

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from orpo_ds.packing import (
     DEFAULT_LAYOUT,
-    DUMMY_PAIR_ID,
     IGNORE_INDEX,
     PairLayout,
     Segment,
@@ -22,7 +21,6 @@ from orpo_ds.packing import (
     TokenizedPair,
     build_row,
     collate,
-    dummy_row,
     pack_pairs,
     packing_efficiency,
     plan_steps,
@@ -57,7 +55,7 @@ def test_worked_example_of_the_docstring():
         seq_is_chosen=np.array([T, F]),
         seq_lengths=np.array([5, 4], dtype=np.int64),
     )
-    assert row.num_pairs == 1 and row.num_tokens == 9 and not row.is_dummy
+    assert row.num_pairs == 1 and row.num_tokens == 9
 
 
 def test_empty_prompt_scores_all_but_the_first_response_token():
@@ -129,7 +127,7 @@ def test_tokenized_pair_validation():
 
 
 def test_build_row_rejects_no_pairs_and_an_inconsistent_layout():
-    with pytest.raises(ValueError, match="dummy_row"):
+    with pytest.raises(ValueError, match="dummy_micro_batch"):
         build_row([])
 
     class Broken(SeparateSequencesLayout):
@@ -167,15 +165,6 @@ def test_collate_shapes_dtypes_and_no_aliasing():
     assert collate(row, device="cpu")["input_ids"].device.type == "cpu"
     batch["labels"][0] = 0
     assert row.labels[0] == 12  # editing the batch leaves the row alone
-
-
-def test_dummy_row():
-    row = dummy_row(pad_token_id=42)
-    assert_row(row, input_ids=np.array([42]), position_ids=np.array([0]), labels=np.array([IGNORE_INDEX]),
-               response_mask=np.array([F]), seq_id=np.array([0]), seq_pair_index=np.array([DUMMY_PAIR_ID]),
-               seq_pair_id=np.array([DUMMY_PAIR_ID]), seq_is_chosen=np.array([F]), seq_lengths=np.array([1]))
-    assert row.num_pairs == 0 and row.is_dummy
-    assert collate(row)["input_ids"].shape == (1, 1)
 
 
 # -------------------------------------------------------------------------------------------- packer
