@@ -220,6 +220,12 @@ class Engine:
     def eval(self) -> None:
         self.engine.eval()
 
+    def release_gathered(self) -> None:
+        """Re-partition parameters that ZeRO-3 left gathered or in flight: a forward pass without a
+        backward (evaluation) leaves prefetched parameters behind, and a later explicit gather of them
+        then fails with "Cannot partition a param in flight"."""
+        self.engine.empty_partition_cache()
+
     @property
     def lr(self) -> float:
         return float(self.lr_schedule.get_last_lr()[0])
@@ -239,6 +245,7 @@ class Engine:
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The full fp32/bf16 state dict on rank 0's CPU, gathered one parameter at a time so no device
         ever holds the whole model; ``None`` on other ranks."""
+        self.release_gathered()
         state: dict[str, torch.Tensor] = {}
         rank0 = dist.get_rank() == 0
         for name, tensor in model.state_dict(keep_vars=True).items():

@@ -84,7 +84,8 @@ class TokenizedPair:
     Attributes:
         pair_id: index of the source row in the dataset (for error messages and logs).
         prompt_ids: prompt tokens; may be empty.
-        chosen_ids: chosen response tokens, non-empty, EOS already appended.
+        chosen_ids: chosen response tokens, non-empty, closed by EOS (unless truncation cut the response:
+            like TRL, a cut response carries no EOS, so the model is not taught to stop mid-answer).
         rejected_ids: rejected response tokens, same rules.
     """
 

@@ -106,6 +106,7 @@ def evaluate(engine, pairs: list[TokenizedPair], cfg: Config, info, pad_token_id
         stats = run_micro_batches(engine, mbs, cfg, info.world_size, train=False)
         for k in STAT_KEYS:
             totals[k] += stats[k]
+    engine.release_gathered()
     engine.train()
     return {f"eval/{k}": v for k, v in orpo_metrics(totals, cfg.loss.beta).items()}
 
@@ -173,13 +174,14 @@ def run_training(cfg: Config) -> dict[str, float]:
     total_tokens = 0.0
     for step_index, plan in enumerate(steps, start=1):
         start = time.perf_counter()
+        lr = engine.lr  # the rate this step's update uses; the schedule advances inside the step
         mbs = micro_batches_for(plan, info.rank, train_pairs, cfg.loss.nll_on_prompt, pad_id, info.device)
         stats = run_micro_batches(engine, mbs, cfg, info.world_size, train=True)
         seconds = time.perf_counter() - start
         total_tokens += stats["tokens"]
         real_rows = sum(row is not None for rank_rows in plan.rows for row in rank_rows)
         record = {"step": step_index, "epoch": plan.epoch, **orpo_metrics(stats, cfg.loss.beta),
-                  "grad_norm": engine.grad_norm(), "lr": engine.lr, "pairs": int(stats["pairs"]),
+                  "grad_norm": engine.grad_norm(), "lr": lr, "pairs": int(stats["pairs"]),
                   "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / seconds,
                   "packing_efficiency": stats["tokens"] / (real_rows * cfg.train.micro_batch_tokens),
                   "step_s": seconds}

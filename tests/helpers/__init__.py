@@ -1,0 +1,1 @@
+"""Shared test helpers (no tests in here): in-memory tokenizers and other small fixtures' builders."""
