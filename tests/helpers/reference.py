@@ -52,3 +52,22 @@ def reference_step_loss(model, pairs, *, beta: float, nll_on_prompt: bool, pad_i
         "logps/rejected": r.mean().item(),
     }
     return loss, metrics
+
+
+def reference_train(model, steps_pairs, *, beta: float, nll_on_prompt: bool, pad_id: int, lr: float,
+                    max_grad_norm: float, total_steps: int, schedule_factor) -> list[dict]:
+    """Plain single-process torch training over the given steps (lists of pairs): AdamW, global-norm
+    clipping, LambdaLR with ``schedule_factor``. Returns each step's metrics (computed before its update)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor)
+    history = []
+    for pairs in steps_pairs[:total_steps]:
+        opt.zero_grad()
+        loss, metrics = reference_step_loss(model, pairs, beta=beta, nll_on_prompt=nll_on_prompt, pad_id=pad_id)
+        loss.backward()
+        if max_grad_norm > 0:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+        opt.step()
+        sched.step()
+        history.append(metrics)
+    return history
