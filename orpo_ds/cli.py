@@ -13,6 +13,8 @@ from orpo_ds.config import ConfigError, load_config
 from orpo_ds.data import DataError
 
 EXIT_CONFIG_ERROR = 2  # bad config or bad data, reported without a traceback
+EXIT_RUN_ERROR = 3  # the run stopped itself: non-finite losses, or a checkpoint it cannot resume
+EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1 arrived, a checkpoint was saved: requeue and rerun to continue
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with a YAML config and key=value overrides")
     t.add_argument("--config", help="YAML run config (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 loss.beta=0.2")
+    e = sub.add_parser("export", help="write a transformers folder from a training checkpoint")
+    e.add_argument("--checkpoint", required=True, help="checkpoints/step-N folder, or a run's output_dir")
+    e.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    e.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB")
     return p
 
 
@@ -49,13 +55,31 @@ def main(argv: list[str] | None = None) -> int:
 
             run_training(cfg)
             return 0
-    except ConfigError as exc:
-        print(f"orpo-ds: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except DataError as exc:
-        print(f"orpo-ds: data error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        if args.command == "export":
+            from orpo_ds.export import export_checkpoint
+
+            print(f"exported to {export_checkpoint(args.checkpoint, args.out, max_shard_size=args.max_shard_size)}")
+            return 0
+    except Exception as exc:  # noqa: BLE001 - mapped to documented exit codes below
+        return _exit_code_for(exc)
     return 1
+
+
+def _exit_code_for(exc: Exception) -> int:
+    from orpo_ds.checkpoint import ResumeError
+    from orpo_ds.train import NonFiniteLossError, Preempted
+
+    if isinstance(exc, Preempted):
+        print(f"orpo-ds: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if isinstance(exc, (ConfigError, DataError)):
+        kind = "config" if isinstance(exc, ConfigError) else "data"
+        print(f"orpo-ds: {kind} error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if isinstance(exc, (NonFiniteLossError, ResumeError)):
+        print(f"orpo-ds: {exc}", file=sys.stderr)
+        return EXIT_RUN_ERROR
+    raise exc
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ class TrainConfig:
     eval_before: bool = True  # evaluate data.eval before the first step
     log_steps: int = 1
     export: bool = True  # write a transformers folder to <output_dir>/final at the end
+    save_steps: int = 0  # DeepSpeed checkpoint every N optimizer steps (0: only at the end and on preemption)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept in <output_dir>/checkpoints
+    resume: str = "auto"  # auto: latest complete checkpoint in output_dir, if any | false | a checkpoint path
+    max_nonfinite_steps: int = 3  # stop after this many consecutive steps skipped for a non-finite loss
 
     def __post_init__(self):
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
@@ -115,6 +119,10 @@ class TrainConfig:
                  f"{self.precision!r} is not one of auto, bf16, fp32")
         _require(self.eval_steps >= 0, "train.eval_steps", "must be >= 0")
         _require(self.log_steps >= 1, "train.log_steps", "must be >= 1")
+        _require(self.save_steps >= 0, "train.save_steps", "must be >= 0 (0: save only at the end)")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _require(bool(self.resume), "train.resume", "must be auto, false or a checkpoint path")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
                  f"must be two numbers in [0, 1), got {self.adam_betas}")
 

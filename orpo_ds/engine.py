@@ -220,6 +220,22 @@ class Engine:
     def eval(self) -> None:
         self.engine.eval()
 
+    def save(self, directory: Path) -> None:
+        """Collective: every rank writes its ZeRO partitions, optimizer and schedule state."""
+        self.engine.save_checkpoint(str(directory), tag="state")
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+
+    def freeze_next_update(self) -> None:
+        """Make the coming optimizer step leave the weights unchanged (lr 0). The schedule sets the next
+        step's lr afresh, so only this update is skipped; Adam's moments still decay once."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = 0.0
+
     def release_gathered(self) -> None:
         """Re-partition parameters that ZeRO-3 left gathered or in flight: a forward pass without a
         backward (evaluation) leaves prefetched parameters behind, and a later explicit gather of them
@@ -253,6 +269,14 @@ class Engine:
                 if rank0:
                     state[name] = tensor.detach().to("cpu", copy=True)
         return state if rank0 else None
+
+
+def consolidate_zero_checkpoint(ds_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict from a saved ZeRO checkpoint (any stage), on the CPU: shards are merged in
+    host memory, so no GPU ever needs to hold the whole model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,19 @@ class MetricsLog:
         return record
 
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps after the checkpoint; those steps run again."""
+        if self.enabled and self.path.is_file():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def progress_bar(total: int, enabled: bool = True, desc: str = "train") -> tqdm:
-    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+def progress_bar(total: int, enabled: bool = True, desc: str = "train", initial: int = 0) -> tqdm:
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
                 mininterval=1.0, unit="step")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orpo_ds import checkpoint as ckpt_lib
 from orpo_ds import engine as eng_lib
 from orpo_ds.batch import MicroBatch, dummy_micro_batch, micro_batch_loss, prepare_micro_batch
 from orpo_ds.config import Config, dump_config
@@ -71,21 +74,44 @@ def micro_batches_for(plan: StepPlan, rank: int, pairs: list[TokenizedPair], nll
             for row in plan.rows[rank]]
 
 
-def run_micro_batches(engine, mbs: list[MicroBatch], cfg: Config, world_size: int, train: bool) -> dict[str, float]:
-    """Forward (and backward + step when ``train``) over this rank's micro-batches of one step; returns
-    the step's stats summed over all ranks, plus ``tokens``."""
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss."""
+
+
+def run_micro_batches(engine, mbs: list[MicroBatch], cfg: Config, world_size: int, train: bool,
+                      pad_token_id: int = 0) -> dict[str, float]:
+    """Forward (and backward + step when ``train``) over this rank's micro-batches of one step.
+
+    Returns the step's stats summed over all ranks, plus ``tokens``, ``skipped`` (1.0 when a non-finite
+    loss on any rank made the step skip its update) and this rank's ``nonfinite_pair_ids``.
+    """
     local = torch.tensor([sum(mb.num_pairs for mb in mbs), sum(mb.num_nll_tokens for mb in mbs)], dtype=torch.float64)
     global_pairs, global_nll_tokens = (int(v) for v in eng_lib.all_reduce_sum(local))
     # DeepSpeed divides each backward by grad_accum and averages gradients over ranks; undo both so the
     # step's gradient is exactly the gradient of the globally normalised loss.
     backward_scale = world_size * cfg.train.grad_accum
     sums = torch.zeros(len(STAT_KEYS) + 1, dtype=torch.float64)
-    for mb in mbs:
+    skipped, bad_pairs = False, []
+    for index, mb in enumerate(mbs):
+        if skipped:  # the update is lost anyway: keep the collectives going with the cheapest pass
+            mb = dummy_micro_batch(pad_token_id, mb.input_ids.device)
         with torch.set_grad_enabled(train):
             token_logps = engine(**mb.model_inputs())
             loss, stats = micro_batch_loss(token_logps, mb, beta=cfg.loss.beta, global_pairs=max(global_pairs, 1),
                                            global_nll_tokens=max(global_nll_tokens, 1))
         if train:
+            finite = bool(torch.isfinite(loss))
+            if eng_lib.all_reduce_sum(torch.tensor([float(not finite)])).item() > 0:
+                # Backpropagating through non-finite activations poisons weight gradients even when the
+                # loss is multiplied by zero, so this micro-batch is redone as a dummy.
+                skipped = True
+                if not finite:
+                    bad_pairs += mb.pair_ids.tolist()
+                mb = dummy_micro_batch(pad_token_id, mb.input_ids.device)
+                loss, stats = micro_batch_loss(engine(**mb.model_inputs()), mb, beta=0.0, global_pairs=1,
+                                               global_nll_tokens=1)
+            if skipped and index == len(mbs) - 1:
+                engine.freeze_next_update()
             engine.backward(loss * backward_scale)
             engine.step()
         if stats:
@@ -94,6 +120,8 @@ def run_micro_batches(engine, mbs: list[MicroBatch], cfg: Config, world_size: in
     sums = eng_lib.all_reduce_sum(sums)
     out = dict(zip(STAT_KEYS, sums[:-1].tolist()))
     out["tokens"] = sums[-1].item()
+    out["skipped"] = float(eng_lib.all_reduce_sum(torch.tensor([float(skipped)])).item() > 0)
+    out["nonfinite_pair_ids"] = bad_pairs
     return out
 
 
@@ -103,7 +131,7 @@ def evaluate(engine, pairs: list[TokenizedPair], cfg: Config, info, pad_token_id
     totals = dict.fromkeys(STAT_KEYS, 0.0)
     for plan in plan_epoch(pairs, cfg.train.micro_batch_tokens, info.world_size, 1, cfg.train.seed, 0):
         mbs = micro_batches_for(plan, info.rank, pairs, cfg.loss.nll_on_prompt, pad_token_id, info.device)
-        stats = run_micro_batches(engine, mbs, cfg, info.world_size, train=False)
+        stats = run_micro_batches(engine, mbs, cfg, info.world_size, train=False, pad_token_id=pad_token_id)
         for k in STAT_KEYS:
             totals[k] += stats[k]
     engine.release_gathered()
@@ -167,25 +195,30 @@ def run_training(cfg: Config) -> dict[str, float]:
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)
     eval_pairs = load_pairs(cfg.data.eval, tokenizer, cfg, info) if cfg.data.eval else []
     steps = plan_run(train_pairs, cfg, info.world_size)
+    resume_from = ckpt_lib.resolve_resume(cfg.train.resume, out_dir)
 
     dtype = eng_lib.resolve_dtype(cfg, info)
     ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), cfg, info.world_size, dtype)
     policy, _keepalive = build_policy(cfg, ds_config, dtype)
     engine = eng_lib.Engine(policy, cfg, ds_config, total_steps=len(steps))
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
-    summary: dict[str, float] = {}
-    if eval_pairs and cfg.train.eval_before:
+    saver = CheckpointSaver(engine, policy, tokenizer, cfg, info, num_pairs=len(train_pairs))
+    done_steps = saver.resume(resume_from, log) if resume_from else 0
+    summary: dict = {"resumed_from_step": done_steps}
+    if eval_pairs and cfg.train.eval_before and done_steps == 0:
         summary["eval_before"] = log.write({"step": 0, **evaluate(engine, eval_pairs, cfg, info, pad_id)})
 
     engine.train()
-    bar = progress_bar(len(steps), enabled=info.is_main)
-    run_start = time.perf_counter()
-    total_tokens = 0.0
+    preemption = PreemptionSignal()
+    bar = progress_bar(len(steps), enabled=info.is_main, initial=done_steps)
+    run_start, total_tokens, nonfinite_streak = time.perf_counter(), 0.0, 0
     for step_index, plan in enumerate(steps, start=1):
+        if step_index <= done_steps:
+            continue
         start = time.perf_counter()
         lr = engine.lr  # the rate this step's update uses; the schedule advances inside the step
         mbs = micro_batches_for(plan, info.rank, train_pairs, cfg.loss.nll_on_prompt, pad_id, info.device)
-        stats = run_micro_batches(engine, mbs, cfg, info.world_size, train=True)
+        stats = run_micro_batches(engine, mbs, cfg, info.world_size, train=True, pad_token_id=pad_id)
         seconds = time.perf_counter() - start
         total_tokens += stats["tokens"]
         real_rows = sum(row is not None for rank_rows in plan.rows for row in rank_rows)
@@ -194,17 +227,35 @@ def run_training(cfg: Config) -> dict[str, float]:
                   "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / seconds,
                   "packing_efficiency": stats["tokens"] / (real_rows * cfg.train.micro_batch_tokens),
                   "step_s": seconds}
+        nonfinite_streak = nonfinite_streak + 1 if stats["skipped"] else 0
+        if stats["skipped"]:
+            record.update(skipped=True, nonfinite_pair_ids=stats["nonfinite_pair_ids"])
+            if stats["nonfinite_pair_ids"]:
+                print(f"[rank {info.rank}] step {step_index}: non-finite loss, update skipped; pair ids "
+                      f"{stats['nonfinite_pair_ids']}", file=sys.stderr, flush=True)
         if eval_pairs and cfg.train.eval_steps and step_index % cfg.train.eval_steps == 0 and step_index < len(steps):
             record.update(evaluate(engine, eval_pairs, cfg, info, pad_id))
-        if step_index % cfg.train.log_steps == 0 or step_index == len(steps):
+        if step_index % cfg.train.log_steps == 0 or step_index == len(steps) or stats["skipped"]:
             log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         summary["last"] = record
+        if nonfinite_streak >= cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(f"{nonfinite_streak} consecutive steps (up to step {step_index}) had a "
+                                     f"non-finite loss; see the pair ids in metrics.jsonl. Check the data and "
+                                     f"the learning rate, or raise train.max_nonfinite_steps")
+        ckpt_lib.fault_point("kill_after_step", step_index)
+        if preemption.requested():
+            saver.save(step_index, plan.epoch)
+            raise Preempted(f"preempted: checkpoint saved at step {step_index}; rerun to resume")
+        if cfg.train.save_steps and step_index % cfg.train.save_steps == 0 and step_index < len(steps):
+            saver.save(step_index, plan.epoch)
     bar.close()
     wall = time.perf_counter() - run_start
     if eval_pairs:
         summary["eval_after"] = log.write({"step": len(steps), **evaluate(engine, eval_pairs, cfg, info, pad_id)})
+    if steps and done_steps < len(steps):
+        saver.save(len(steps), steps[-1].epoch)
     summary["train_wall_s"] = wall
     summary["tokens_per_s"] = total_tokens / wall if wall > 0 else 0.0
     if cfg.train.export:
@@ -213,6 +264,77 @@ def run_training(cfg: Config) -> dict[str, float]:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     eng_lib.barrier()
     return summary
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived; a checkpoint of the last finished step was saved."""
+
+
+class PreemptionSignal:
+    """Records SIGTERM / SIGUSR1 (what SLURM sends with --signal) so the loop can stop between steps.
+
+    Ranks may see the signal at different moments, so :meth:`requested` all-reduces the flag and every
+    rank stops after the same step.
+    """
+
+    def __init__(self):
+        self._flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self._flag = True
+
+    def requested(self) -> bool:
+        return eng_lib.all_reduce_sum(torch.tensor([float(self._flag)])).item() > 0
+
+
+class CheckpointSaver:
+    """Saves and restores the run's state through :mod:`orpo_ds.checkpoint` (see its layout)."""
+
+    def __init__(self, engine, policy, tokenizer, cfg: Config, info, num_pairs: int):
+        self.engine, self.policy, self.tokenizer = engine, policy, tokenizer
+        self.cfg, self.info, self.num_pairs = cfg, info, num_pairs
+        self.out_dir = Path(cfg.train.output_dir)
+
+    def _state(self, step: int, epoch: int) -> ckpt_lib.TrainerState:
+        t = self.cfg.train
+        return ckpt_lib.TrainerState(step=step, epoch=epoch, world_size=self.info.world_size,
+                                     grad_accum=t.grad_accum, micro_batch_tokens=t.micro_batch_tokens, seed=t.seed,
+                                     num_pairs=self.num_pairs, model=self.cfg.model.name_or_path,
+                                     config=self.cfg.to_dict())
+
+    def _write_hf_files(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.policy.causal_lm.config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def save(self, step: int, epoch: int) -> None:
+        if self.info.is_main:
+            ckpt_lib.begin_save(self.out_dir, step)
+        eng_lib.barrier()
+        tmp = ckpt_lib.temp_dir(self.out_dir, step)
+        self.engine.save(tmp / "ds")
+        ckpt_lib.write_rank_state(tmp, self.info.rank)
+        eng_lib.barrier()
+        if self.info.is_main:
+            final = ckpt_lib.commit_save(tmp, self._state(step, epoch), self.cfg.train.keep_checkpoints,
+                                         hf_files_from=self._write_hf_files)
+            print(f"[checkpoint] step {step} -> {final}", flush=True)
+        eng_lib.barrier()
+
+    def resume(self, ckpt: Path, log: MetricsLog) -> int:
+        state = ckpt_lib.read_state(ckpt)
+        t = self.cfg.train
+        ckpt_lib.check_compatible(state, world_size=self.info.world_size, grad_accum=t.grad_accum,
+                                  micro_batch_tokens=t.micro_batch_tokens, seed=t.seed, num_pairs=self.num_pairs,
+                                  model=self.cfg.model.name_or_path, ckpt=ckpt)
+        self.engine.load(ckpt / "ds")
+        ckpt_lib.load_rank_state(ckpt, self.info.rank)
+        log.truncate_after(state.step)
+        if self.info.is_main:
+            print(f"[checkpoint] resumed from {ckpt} at step {state.step}", flush=True)
+        return state.step
 
 
 def export_model(engine, policy: PolicyWithChunkedHead, tokenizer, out_dir: Path, info) -> Path:
