@@ -4,11 +4,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
-export DS_ACCELERATOR ?= cpu
-export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# GPUs when nvidia-smi sees any; otherwise DeepSpeed's CPU accelerator with 2 gloo ranks.
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+ifeq ($(GPUS),0)
+export DS_ACCELERATOR := cpu
+export OMP_NUM_THREADS ?= 1
+RANKS ?= 2
+else
+RANKS ?= $(GPUS)
+endif
+CONFIG ?= configs/demo.yaml
+OVERRIDES ?=
 
-.PHONY: setup test test-unit test-dist train bench clean
+.PHONY: setup test test-unit test-dist assets train clean
 
 setup: $(STAMP)
 
@@ -24,8 +33,15 @@ $(STAMP): pyproject.toml
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: setup
-	$(PY) -m pytest -q -ra tests; rc=$$?; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# The main job: fetch + verify the real assets, then ORPO on them (see configs/demo.yaml).
+assets: setup
+	$(PY) -m orpo_ds.assets
+
+train: assets
+	$(VENV)/bin/deepspeed --num_gpus $(RANKS) --module orpo_ds train --config $(CONFIG) $(OVERRIDES)
 
 test-unit: setup
 	$(PY) -m pytest -q -ra tests/unit

@@ -23,6 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with a YAML config and key=value overrides")
     t.add_argument("--config", help="YAML run config (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 loss.beta=0.2")
+    v = sub.add_parser("eval", help="held-out preference accuracy, mean log-odds and chosen NLL of a model")
+    v.add_argument("--model", required=True, help="transformers model folder (e.g. <output_dir>/final)")
+    v.add_argument("--data", required=True, help="preference pairs: jsonl/json/parquet, saved dataset or hub name")
+    v.add_argument("--max-length", type=int, default=1024, help="tokens per sequence, as data.max_length")
+    v.add_argument("--micro-batch-tokens", type=int, default=8192, help="tokens per packed forward pass")
+    v.add_argument("--beta", type=float, default=0.1, help="loss.beta, for the loss and reward figures")
+    v.add_argument("--nll-on-prompt", action="store_true", help="count chosen prompt tokens in the NLL")
+    v.add_argument("--json", help="also write all metrics to this JSON file")
     e = sub.add_parser("export", help="write a transformers folder from a training checkpoint")
     e.add_argument("--checkpoint", required=True, help="checkpoints/step-N folder, or a run's output_dir")
     e.add_argument("--out", required=True, help="folder to write (replaced atomically)")
@@ -55,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_training(cfg)
             return 0
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "export":
             from orpo_ds.export import export_checkpoint
 
@@ -63,6 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - mapped to documented exit codes below
         return _exit_code_for(exc)
     return 1
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from orpo_ds.evaluate import HEADLINE, evaluate_model_dir
+
+    metrics = evaluate_model_dir(args.model, args.data, max_length=args.max_length,
+                                 micro_batch_tokens=args.micro_batch_tokens, beta=args.beta,
+                                 nll_on_prompt=args.nll_on_prompt)
+    for key, label in HEADLINE.items():
+        print(f"{label:>20}: {metrics[key]:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0
 
 
 def _exit_code_for(exc: Exception) -> int:

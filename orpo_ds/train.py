@@ -23,12 +23,14 @@ from orpo_ds import engine as eng_lib
 from orpo_ds.batch import MicroBatch, dummy_micro_batch, micro_batch_loss, prepare_micro_batch
 from orpo_ds.config import Config, dump_config
 from orpo_ds.data import DataError, load_records, tokenize_pairs
+from orpo_ds.evaluate import evaluate_pairs
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, resolve_attn_implementation
-from orpo_ds.packing import TokenizedPair, build_row, pack_pairs, plan_steps, SeparateSequencesLayout
+from orpo_ds.packing import DEFAULT_LAYOUT, TokenizedPair, build_row, pack_pairs, plan_steps
+from orpo_ds.report import before_after_table, plot_metrics
 
-LAYOUT = SeparateSequencesLayout()
+LAYOUT = DEFAULT_LAYOUT
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,9 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss."""
 
 
-def run_micro_batches(engine, mbs: list[MicroBatch], cfg: Config, world_size: int, train: bool,
+def run_micro_batches(engine, mbs: list[MicroBatch], cfg: Config, world_size: int,
                       pad_token_id: int = 0) -> dict[str, float]:
-    """Forward (and backward + step when ``train``) over this rank's micro-batches of one step.
+    """Forward, backward and step over this rank's micro-batches of one optimizer step.
 
     Returns the step's stats summed over all ranks, plus ``tokens``, ``skipped`` (1.0 when a non-finite
     loss on any rank made the step skip its update) and this rank's ``nonfinite_pair_ids``.
@@ -95,48 +97,43 @@ def run_micro_batches(engine, mbs: list[MicroBatch], cfg: Config, world_size: in
     for index, mb in enumerate(mbs):
         if skipped:  # the update is lost anyway: keep the collectives going with the cheapest pass
             mb = dummy_micro_batch(pad_token_id, mb.input_ids.device)
-        with torch.set_grad_enabled(train):
-            token_logps = engine(**mb.model_inputs())
-            loss, stats = micro_batch_loss(token_logps, mb, beta=cfg.loss.beta, global_pairs=max(global_pairs, 1),
-                                           global_nll_tokens=max(global_nll_tokens, 1))
-        if train:
-            finite = bool(torch.isfinite(loss))
-            if eng_lib.all_reduce_sum(torch.tensor([float(not finite)])).item() > 0:
-                # Backpropagating through non-finite activations poisons weight gradients even when the
-                # loss is multiplied by zero, so this micro-batch is redone as a dummy.
-                skipped = True
-                if not finite:
-                    bad_pairs += mb.pair_ids.tolist()
-                mb = dummy_micro_batch(pad_token_id, mb.input_ids.device)
-                loss, stats = micro_batch_loss(engine(**mb.model_inputs()), mb, beta=0.0, global_pairs=1,
-                                               global_nll_tokens=1)
-            if skipped and index == len(mbs) - 1:
-                engine.freeze_next_update()
-            engine.backward(loss * backward_scale)
-            engine.step()
+        token_logps = engine(**mb.model_inputs())
+        loss, stats = micro_batch_loss(token_logps, mb, beta=cfg.loss.beta, global_pairs=max(global_pairs, 1),
+                                       global_nll_tokens=max(global_nll_tokens, 1))
+        finite = bool(torch.isfinite(loss))
+        if eng_lib.all_reduce_sum(torch.tensor([float(not finite)])).item() > 0:
+            # Backpropagating through non-finite activations poisons weight gradients even when the
+            # loss is multiplied by zero, so this micro-batch is redone as a dummy.
+            skipped = True
+            if not finite:
+                bad_pairs += mb.pair_ids.tolist()
+            mb = dummy_micro_batch(pad_token_id, mb.input_ids.device)
+            loss, stats = micro_batch_loss(engine(**mb.model_inputs()), mb, beta=0.0, global_pairs=1,
+                                           global_nll_tokens=1)
+        if skipped and index == len(mbs) - 1:
+            engine.freeze_next_update()
+        engine.backward(loss * backward_scale)
+        engine.step()
         if stats:
             sums[:-1] += torch.tensor([float(stats[k]) for k in STAT_KEYS], dtype=torch.float64)
         sums[-1] += mb.num_tokens
     sums = eng_lib.all_reduce_sum(sums)
     out = dict(zip(STAT_KEYS, sums[:-1].tolist()))
     out["tokens"] = sums[-1].item()
-    out["skipped"] = float(eng_lib.all_reduce_sum(torch.tensor([float(skipped)])).item() > 0)
+    out["skipped"] = float(skipped)  # the same on every rank: the flag was all-reduced
     out["nonfinite_pair_ids"] = bad_pairs
     return out
 
 
 def evaluate(engine, pairs: list[TokenizedPair], cfg: Config, info, pad_token_id: int) -> dict[str, float]:
-    """Held-out metrics under ``eval/`` names; no gradients. Every rank runs the same number of passes."""
+    """Held-out metrics under ``eval/`` names, through the engine, no gradients."""
     engine.eval()
-    totals = dict.fromkeys(STAT_KEYS, 0.0)
-    for plan in plan_epoch(pairs, cfg.train.micro_batch_tokens, info.world_size, 1, cfg.train.seed, 0):
-        mbs = micro_batches_for(plan, info.rank, pairs, cfg.loss.nll_on_prompt, pad_token_id, info.device)
-        stats = run_micro_batches(engine, mbs, cfg, info.world_size, train=False, pad_token_id=pad_token_id)
-        for k in STAT_KEYS:
-            totals[k] += stats[k]
+    metrics = evaluate_pairs(engine, pairs, micro_batch_tokens=cfg.train.micro_batch_tokens, beta=cfg.loss.beta,
+                             nll_on_prompt=cfg.loss.nll_on_prompt, pad_token_id=pad_token_id, rank=info.rank,
+                             world_size=info.world_size, device=info.device)
     engine.release_gathered()
     engine.train()
-    return {f"eval/{k}": v for k, v in orpo_metrics(totals, cfg.loss.beta).items()}
+    return {f"eval/{k}": v for k, v in metrics.items()}
 
 
 def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]:
@@ -218,7 +215,7 @@ def run_training(cfg: Config) -> dict[str, float]:
         start = time.perf_counter()
         lr = engine.lr  # the rate this step's update uses; the schedule advances inside the step
         mbs = micro_batches_for(plan, info.rank, train_pairs, cfg.loss.nll_on_prompt, pad_id, info.device)
-        stats = run_micro_batches(engine, mbs, cfg, info.world_size, train=True, pad_token_id=pad_id)
+        stats = run_micro_batches(engine, mbs, cfg, info.world_size, pad_token_id=pad_id)
         seconds = time.perf_counter() - start
         total_tokens += stats["tokens"]
         real_rows = sum(row is not None for rank_rows in plan.rows for row in rank_rows)
@@ -261,7 +258,9 @@ def run_training(cfg: Config) -> dict[str, float]:
     if cfg.train.export:
         summary["export_dir"] = str(export_model(engine, policy, tokenizer, out_dir / "final", info))
     if info.is_main:
+        summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"\n{before_after_table(summary)}\ncurves: {summary['plot']}", flush=True)
     eng_lib.barrier()
     return summary
 

@@ -20,7 +20,6 @@ CONF="$DIR/slurm.conf"
 HOST=$(hostname -s)
 export SLURM_CONF="$CONF"
 export PATH="/usr/sbin:/sbin:$PATH"
-MUNGE_SOCKET_DIR=/run/munge
 NODES=(n1 n2)
 
 log() { printf 'cluster.sh: %s\n' "$*" >&2; }
@@ -55,7 +54,7 @@ install_slurm() {
 }
 
 write_conf() {
-    mkdir -p "$DIR"/{state,spool,run,log,pids}
+    mkdir -p "$DIR"/{state,spool,run,log}
     chmod 755 "$DIR"
     cat >"$CONF.tmp" <<CONF
 # Written by tests/slurm/cluster.sh: two slurmd (n1, n2) on this host, state under $DIR.
@@ -66,7 +65,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # A requeued job waits cred_expire seconds before it may start again (default 120): keep tests quick.
-AuthInfo=cred_expire=10
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
@@ -78,6 +77,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Look at pending (e.g. just requeued) jobs every 2 s rather than every 30-60 s.
+SchedulerParameters=bf_interval=2,sched_interval=2
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -96,24 +97,27 @@ CONF
 }
 
 start_munge() {
-    if alive "$MUNGE_SOCKET_DIR/munged.pid"; then
-        return 0  # already running (ours from an earlier `up`, or the machine's own): reuse it
+    # A private munged (own key, socket, pid file under $DIR/munge, running as the munge user), so this
+    # cluster neither depends on nor disturbs a munged the machine or another test session runs.
+    local m="$DIR/munge"
+    if alive "$m/munged.pid"; then
+        return 0
     fi
-    install -d -o munge -g munge -m 0755 "$MUNGE_SOCKET_DIR"
-    install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge /etc/munge
-    if [[ ! -s /etc/munge/munge.key ]]; then
+    install -d -o munge -g munge -m 0755 "$m"
+    if [[ ! -s "$m/munge.key" ]]; then
         if command -v mungekey >/dev/null; then
-            runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
+            runuser -u munge -- mungekey --create --keyfile="$m/munge.key" || return 1
         else
-            dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
-            chown munge:munge /etc/munge/munge.key
+            dd if=/dev/urandom of="$m/munge.key" bs=1 count=1024 status=none
+            chown munge:munge "$m/munge.key"
         fi
-        chmod 0400 /etc/munge/munge.key
+        chmod 0400 "$m/munge.key"
     fi
-    runuser -u munge -- munged --force || { log "munged failed to start"; return 1; }
-    for _ in $(seq 50); do alive "$MUNGE_SOCKET_DIR/munged.pid" && break; sleep 0.1; done
-    alive "$MUNGE_SOCKET_DIR/munged.pid" || { log "munged did not write its pid file"; return 1; }
-    cp "$MUNGE_SOCKET_DIR/munged.pid" "$DIR/pids/munged.pid"  # marks munged as started by us
+    runuser -u munge -- munged --force --socket="$m/munge.socket" --key-file="$m/munge.key" \
+        --pid-file="$m/munged.pid" --log-file="$m/munged.log" --seed-file="$m/munged.seed" \
+        || { log "munged failed to start"; cat "$m/munged.log" >&2 2>/dev/null; return 1; }
+    for _ in $(seq 50); do alive "$m/munged.pid" && break; sleep 0.1; done
+    alive "$m/munged.pid" || { log "munged did not write its pid file"; return 1; }
 }
 
 wait_idle() {
@@ -172,10 +176,7 @@ down() {
         fi
         for n in "${NODES[@]}"; do stop_pidfile "$DIR/run/slurmd-$n.pid" "slurmd $n"; done
         stop_pidfile "$DIR/run/slurmctld.pid" slurmctld
-        if [[ -s "$DIR/pids/munged.pid" ]] && alive "$MUNGE_SOCKET_DIR/munged.pid" \
-            && [[ $(<"$DIR/pids/munged.pid") == $(<"$MUNGE_SOCKET_DIR/munged.pid") ]]; then
-            stop_pidfile "$MUNGE_SOCKET_DIR/munged.pid" munged
-        fi
+        stop_pidfile "$DIR/munge/munged.pid" munged
         rm -rf "$DIR"
     fi
     log "down"
