@@ -29,6 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from orpo_ds import engine as eng_lib
+from orpo_ds.config import Config
+from orpo_ds.metrics import MetricsLog
+
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -178,3 +182,51 @@ def commit_save(tmp: Path, state: TrainerState, keep: int, hf_files_from=None) -
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class CheckpointSaver:
+    """Saves and restores the run's state through :mod:`orpo_ds.checkpoint` (see its layout)."""
+
+    def __init__(self, engine, policy, tokenizer, cfg: Config, info, num_pairs: int):
+        self.engine, self.policy, self.tokenizer = engine, policy, tokenizer
+        self.cfg, self.info, self.num_pairs = cfg, info, num_pairs
+        self.out_dir = Path(cfg.train.output_dir)
+
+    def _state(self, step: int, epoch: int) -> TrainerState:
+        t = self.cfg.train
+        return TrainerState(step=step, epoch=epoch, world_size=self.info.world_size,
+                                     grad_accum=t.grad_accum, micro_batch_tokens=t.micro_batch_tokens, seed=t.seed,
+                                     num_pairs=self.num_pairs, model=self.cfg.model.name_or_path,
+                                     config=self.cfg.to_dict())
+
+    def _write_hf_files(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.policy.causal_lm.config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def save(self, step: int, epoch: int) -> None:
+        if self.info.is_main:
+            begin_save(self.out_dir, step)
+        eng_lib.barrier()
+        tmp = temp_dir(self.out_dir, step)
+        self.engine.save(tmp / "ds")
+        write_rank_state(tmp, self.info.rank)
+        eng_lib.barrier()
+        if self.info.is_main:
+            final = commit_save(tmp, self._state(step, epoch), self.cfg.train.keep_checkpoints,
+                                         hf_files_from=self._write_hf_files)
+            print(f"[checkpoint] step {step} -> {final}", flush=True)
+        eng_lib.barrier()
+
+    def resume(self, ckpt: Path, log: MetricsLog) -> int:
+        state = read_state(ckpt)
+        t = self.cfg.train
+        check_compatible(state, world_size=self.info.world_size, grad_accum=t.grad_accum,
+                                  micro_batch_tokens=t.micro_batch_tokens, seed=t.seed, num_pairs=self.num_pairs,
+                                  model=self.cfg.model.name_or_path, ckpt=ckpt)
+        self.engine.load(ckpt / "ds")
+        load_rank_state(ckpt, self.info.rank)
+        log.truncate_after(state.step)
+        if self.info.is_main:
+            print(f"[checkpoint] resumed from {ckpt} at step {state.step}", flush=True)
+        return state.step

@@ -93,7 +93,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _exit_code_for(exc: Exception) -> int:
     from orpo_ds.checkpoint import ResumeError
-    from orpo_ds.train import NonFiniteLossError, Preempted
+    from orpo_ds.preemption import Preempted
+    from orpo_ds.train import NonFiniteLossError
 
     if isinstance(exc, Preempted):
         print(f"orpo-ds: {exc}", file=sys.stderr)

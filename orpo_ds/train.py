@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, resolve_attn_implementation
 from orpo_ds.packing import DEFAULT_LAYOUT, TokenizedPair, build_row, pack_pairs, plan_steps
+from orpo_ds.preemption import Preempted, PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics
 
 LAYOUT = DEFAULT_LAYOUT
@@ -199,7 +199,7 @@ def run_training(cfg: Config) -> dict[str, float]:
     policy, _keepalive = build_policy(cfg, ds_config, dtype)
     engine = eng_lib.Engine(policy, cfg, ds_config, total_steps=len(steps))
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
-    saver = CheckpointSaver(engine, policy, tokenizer, cfg, info, num_pairs=len(train_pairs))
+    saver = ckpt_lib.CheckpointSaver(engine, policy, tokenizer, cfg, info, num_pairs=len(train_pairs))
     done_steps = saver.resume(resume_from, log) if resume_from else 0
     summary: dict = {"resumed_from_step": done_steps}
     if eval_pairs and cfg.train.eval_before and done_steps == 0:
@@ -263,77 +263,6 @@ def run_training(cfg: Config) -> dict[str, float]:
         print(f"\n{before_after_table(summary)}\ncurves: {summary['plot']}", flush=True)
     eng_lib.barrier()
     return summary
-
-
-class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived; a checkpoint of the last finished step was saved."""
-
-
-class PreemptionSignal:
-    """Records SIGTERM / SIGUSR1 (what SLURM sends with --signal) so the loop can stop between steps.
-
-    Ranks may see the signal at different moments, so :meth:`requested` all-reduces the flag and every
-    rank stops after the same step.
-    """
-
-    def __init__(self):
-        self._flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self._flag = True
-
-    def requested(self) -> bool:
-        return eng_lib.all_reduce_sum(torch.tensor([float(self._flag)])).item() > 0
-
-
-class CheckpointSaver:
-    """Saves and restores the run's state through :mod:`orpo_ds.checkpoint` (see its layout)."""
-
-    def __init__(self, engine, policy, tokenizer, cfg: Config, info, num_pairs: int):
-        self.engine, self.policy, self.tokenizer = engine, policy, tokenizer
-        self.cfg, self.info, self.num_pairs = cfg, info, num_pairs
-        self.out_dir = Path(cfg.train.output_dir)
-
-    def _state(self, step: int, epoch: int) -> ckpt_lib.TrainerState:
-        t = self.cfg.train
-        return ckpt_lib.TrainerState(step=step, epoch=epoch, world_size=self.info.world_size,
-                                     grad_accum=t.grad_accum, micro_batch_tokens=t.micro_batch_tokens, seed=t.seed,
-                                     num_pairs=self.num_pairs, model=self.cfg.model.name_or_path,
-                                     config=self.cfg.to_dict())
-
-    def _write_hf_files(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.policy.causal_lm.config.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-
-    def save(self, step: int, epoch: int) -> None:
-        if self.info.is_main:
-            ckpt_lib.begin_save(self.out_dir, step)
-        eng_lib.barrier()
-        tmp = ckpt_lib.temp_dir(self.out_dir, step)
-        self.engine.save(tmp / "ds")
-        ckpt_lib.write_rank_state(tmp, self.info.rank)
-        eng_lib.barrier()
-        if self.info.is_main:
-            final = ckpt_lib.commit_save(tmp, self._state(step, epoch), self.cfg.train.keep_checkpoints,
-                                         hf_files_from=self._write_hf_files)
-            print(f"[checkpoint] step {step} -> {final}", flush=True)
-        eng_lib.barrier()
-
-    def resume(self, ckpt: Path, log: MetricsLog) -> int:
-        state = ckpt_lib.read_state(ckpt)
-        t = self.cfg.train
-        ckpt_lib.check_compatible(state, world_size=self.info.world_size, grad_accum=t.grad_accum,
-                                  micro_batch_tokens=t.micro_batch_tokens, seed=t.seed, num_pairs=self.num_pairs,
-                                  model=self.cfg.model.name_or_path, ckpt=ckpt)
-        self.engine.load(ckpt / "ds")
-        ckpt_lib.load_rank_state(ckpt, self.info.rank)
-        log.truncate_after(state.step)
-        if self.info.is_main:
-            print(f"[checkpoint] resumed from {ckpt} at step {state.step}", flush=True)
-        return state.step
 
 
 def export_model(engine, policy: PolicyWithChunkedHead, tokenizer, out_dir: Path, info) -> Path:

@@ -172,7 +172,9 @@ stop_pidfile() {  # stop_pidfile FILE NAME: TERM, wait up to 10 s, then KILL
 down() {
     if [[ -d "$DIR" ]]; then
         if alive "$DIR/run/slurmctld.pid"; then
-            scancel --quiet --full --signal=KILL "--partition=debug" 2>/dev/null || true
+            # Jobs still running end first, so no slurmstepd outlives its slurmd.
+            scancel --quiet --partition=debug 2>/dev/null || true
+            for _ in $(seq 60); do [[ -z "$(squeue -h -t R,CG,CF 2>/dev/null)" ]] && break; sleep 0.5; done
         fi
         for n in "${NODES[@]}"; do stop_pidfile "$DIR/run/slurmd-$n.pid" "slurmd $n"; done
         stop_pidfile "$DIR/run/slurmctld.pid" slurmctld

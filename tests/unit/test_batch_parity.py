@@ -77,3 +77,19 @@ def test_dummy_micro_batch_contributes_zero_loss_but_touches_all_parameters():
     loss.backward()
     assert loss.item() == 0.0 and stats == {}
     assert all(p.grad is not None and not p.grad.abs().any() for p in model.parameters())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    pairs = _pairs(4, seed=7)
+    mb = prepare_micro_batch(build_row(pairs), nll_on_prompt=False)
+    grads = []
+    for checkpointing in (False, True):
+        model = _model().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss, _ = micro_batch_loss(PolicyWithChunkedHead(model, chunk_size=5)(**mb.model_inputs()), mb, beta=0.1,
+                                   global_nll_tokens=mb.num_nll_tokens, global_pairs=mb.num_pairs)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)

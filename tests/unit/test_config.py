@@ -1,6 +1,5 @@
 """Config: YAML + dotted overrides, validation errors that name the key, DeepSpeed JSON injection."""
 
-import json
 import subprocess
 import sys
 
