@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+# One ninja for every DeepSpeed JIT build (the venv's): two ninja versions sharing a build folder rebuild it each time.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 # GPUs when nvidia-smi sees any; otherwise DeepSpeed's CPU accelerator with 2 gloo ranks.
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)

@@ -181,6 +181,7 @@ def build_policy(cfg: Config, ds_config: dict, dtype: torch.dtype):
 def run_training(cfg: Config) -> dict[str, float]:
     from transformers import AutoTokenizer
 
+    preemption = PreemptionSignal()  # first: a signal during start-up must not kill the rank
     info = eng_lib.init_distributed()
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
@@ -206,7 +207,6 @@ def run_training(cfg: Config) -> dict[str, float]:
         summary["eval_before"] = log.write({"step": 0, **evaluate(engine, eval_pairs, cfg, info, pad_id)})
 
     engine.train()
-    preemption = PreemptionSignal()
     bar = progress_bar(len(steps), enabled=info.is_main, initial=done_steps)
     run_start, total_tokens, nonfinite_streak = time.perf_counter(), 0.0, 0
     for step_index, plan in enumerate(steps, start=1):

@@ -10,6 +10,8 @@
 # Environment: ORPO_SLURM_DIR (state dir, default /tmp/orpo-ds-slurm), ORPO_SLURM_PORT (base port,
 # default 16817: slurmctld on it, slurmd n1/n2 on +1/+2), ORPO_SLURM_CPUS (CPUs per node, default: nproc).
 # Clients find the cluster through SLURM_CONF=$ORPO_SLURM_DIR/slurm.conf; /etc/slurm is not touched.
+# munged is a private instance too (its own key, socket and pid file under $ORPO_SLURM_DIR/munge, run as
+# the munge user), so clusters of two test sessions never share or stop each other's munged.
 # Exit codes: 0 ok, 1 failure, 3 SLURM cannot be installed on this machine (callers skip).
 set -uo pipefail
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# ORPO training under the `deepspeed` launcher: all GPUs of this node, or the nodes of a hostfile.
+#
+#   launch/deepspeed.sh                                        # this node, every GPU it has
+#   GPUS_PER_NODE=2 DS_ACCELERATOR=cpu launch/deepspeed.sh     # 2 CPU ranks (gloo), no GPU needed
+#   HOSTFILE=hosts.txt launch/deepspeed.sh                     # lines "host slots=8"; pdsh/ssh to each
+#
+# Environment (all optional):
+#   CONFIG, OVERRIDES, OUTPUT_DIR, PYTHON, DRY_RUN=1   the training command, see launch/common.sh
+#   GPUS_PER_NODE   ranks on this node (default: the GPUs nvidia-smi lists, else 1; on CPU, CPU ranks).
+#                   Not used with HOSTFILE, whose slots= say how many ranks each host runs.
+#   HOSTFILE        DeepSpeed hostfile: multi-node. The launcher reaches the hosts with pdsh (or
+#                   DS_MULTINODE_LAUNCHER=openmpi|mvapich|...) and forwards only the variables listed in
+#                   ./.deepspeed_env (NAME=value lines; put DS_ACCELERATOR etc. there) and a few prefixes.
+#   NUM_NODES       use only the first N hosts of HOSTFILE
+#   MASTER_ADDR     default: 127.0.0.1 on one node; the first host of HOSTFILE otherwise
+#   MASTER_PORT     default 29500
+#   DEEPSPEED       the launcher executable (default: deepspeed next to $PYTHON, else `deepspeed`)
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=launch/common.sh
+source "$HERE/common.sh"
+# shellcheck disable=SC2119  # no leading overrides of its own
+orpo_build_command
+
+if [[ -z "${DEEPSPEED:-}" ]]; then
+    if [[ -x "$(dirname "$PYTHON")/deepspeed" ]]; then
+        DEEPSPEED="$(dirname "$PYTHON")/deepspeed"
+    else
+        DEEPSPEED=deepspeed
+    fi
+fi
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+LAUNCH=("$DEEPSPEED")
+if [[ -n "${HOSTFILE:-}" ]]; then
+    if [[ ! -f "$HOSTFILE" ]] && ! orpo_dry_run; then
+        echo "deepspeed.sh: HOSTFILE=$HOSTFILE does not exist" >&2
+        exit 2
+    fi
+    if [[ -z "${MASTER_ADDR:-}" && -f "$HOSTFILE" ]]; then
+        MASTER_ADDR=$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$HOSTFILE")
+    fi
+    LAUNCH+=(--hostfile "$HOSTFILE" --launcher "${DS_MULTINODE_LAUNCHER:-pdsh}")
+    [[ -n "${NUM_NODES:-}" ]] && LAUNCH+=(--num_nodes "$NUM_NODES")
+    [[ -n "${MASTER_ADDR:-}" ]] && LAUNCH+=(--master_addr "$MASTER_ADDR")
+else
+    if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+        if [[ "${DS_ACCELERATOR:-}" != cpu ]] && command -v nvidia-smi >/dev/null \
+            && GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') && ((GPUS_PER_NODE > 0)); then
+            :
+        else
+            GPUS_PER_NODE=1
+        fi
+    fi
+    LAUNCH+=(--num_gpus "$GPUS_PER_NODE" --master_addr "${MASTER_ADDR:-127.0.0.1}")
+fi
+LAUNCH+=(--master_port "$MASTER_PORT" --module "${ORPO_ARGS[@]}")
+
+# The launcher's own exit code is the first failing rank's; 75 means "preempted, checkpoint saved":
+# run the same command again to resume (train.resume=auto).
+orpo_run "${LAUNCH[@]}"
