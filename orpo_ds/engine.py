@@ -85,6 +85,15 @@ def init_distributed() -> DistInfo:
                     device=device)
 
 
+def build_cpu_comm_op() -> None:
+    """JIT-build DeepSpeed's CPU shared-memory collectives op into TORCH_EXTENSIONS_DIR (about 100 s the
+    first time, then loaded from there). Doing it once up front keeps every later multi-process launch
+    from spending that time, or racing to build it, inside its own time limit."""
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def resolve_dtype(cfg: Config, info: DistInfo) -> torch.dtype:
     if cfg.train.precision == "auto":
         return torch.bfloat16 if info.on_gpu else torch.float32

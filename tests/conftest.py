@@ -1,11 +1,28 @@
 """Test tiers: tests/unit (fast CPU), tests/dist (gloo, 2 ranks, real DeepSpeed), tests/gpu (CUDA only)."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+# The venv's ninja for every JIT build: two ninja versions sharing one build folder rebuild it each time.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
+
+def pytest_sessionstart(session):
+    """Build DeepSpeed's CPU comm op once, before any launched process (a SLURM job, a 2-rank run) would
+    have to build it within its own time limit."""
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cpu":
+        from orpo_ds.engine import build_cpu_comm_op
+
+        build_cpu_comm_op()
 
 
 def pytest_collection_modifyitems(config, items):
