@@ -1,0 +1,148 @@
+"""Nothing lost: exact resume after SIGKILL, a kill while a checkpoint is written, SIGUSR1 preemption,
+export from a checkpoint, and the non-finite step guard. 2 ranks, ZeRO-3, CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from orpo_ds.cli import EXIT_PREEMPTED
+from orpo_ds.metrics import read_metrics
+from tests.dist.conftest import REPO, base_overrides, launch, launch_command, run_env
+from tests.helpers.tokenizers import byte_ids
+from tests.helpers.synthetic import write_pairs
+
+COMPARED = ["loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
+            "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "lr", "pairs",
+            "tokens"]
+
+
+def _train_records(out):
+    return {m["step"]: m for m in read_metrics(out / "metrics.jsonl") if "loss" in m}
+
+
+def _overrides(model, data, out, **extra):
+    return ["train", *base_overrides(model, data, out, **{"train.max_steps": 10, "train.save_steps": 5, **extra})]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model, synthetic_data, tmp_path_factory):
+    """An uninterrupted 10-step run."""
+    out = tmp_path_factory.mktemp("ckpt") / "straight"
+    assert launch(_overrides(tiny_model, synthetic_data, out), ranks=2).returncode == 0
+    return out
+
+
+def test_sigkill_after_checkpoint_then_resume_is_bit_exact(tiny_model, synthetic_data, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    args = _overrides(tiny_model, synthetic_data, out)
+    killed = launch(args, ranks=2, env={"ORPO_DS_FAULT": "kill_after_step:7"})  # SIGKILL, steps 6-7 lost
+    assert killed.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text() == "step-000005"
+    resumed = launch(args, ranks=2)
+    assert resumed.returncode == 0
+    assert "resumed from" in resumed.stdout and "at step 5" in resumed.stdout
+    got, want = _train_records(out), _train_records(reference_run)
+    assert sorted(got) == list(range(1, 11))
+    for step in range(6, 11):
+        for key in COMPARED:
+            assert got[step][key] == want[step][key], (step, key)  # fp32 on the CPU: bit-identical
+    a, b = load_file(out / "final" / "model.safetensors"), load_file(reference_run / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model, synthetic_data, reference_run, tmp_path):
+    out = tmp_path / "torn"
+    args = _overrides(tiny_model, synthetic_data, out, **{"train.save_steps": 3})
+    torn = launch(args, ranks=2, env={"ORPO_DS_FAULT": "kill_before_commit:6"})
+    assert torn.returncode != 0
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-000003"
+    assert (ckpts / ".tmp-step-000006").is_dir() and not (ckpts / "step-000006").exists()
+    resumed = launch(args, ranks=2)
+    assert resumed.returncode == 0 and "at step 3" in resumed.stdout
+    assert not (ckpts / ".tmp-step-000006").exists()
+    a, b = load_file(out / "final" / "model.safetensors"), load_file(reference_run / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # keep_checkpoints=2: only the newest two complete checkpoints remain
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000009", "step-000010"]
+
+
+def test_sigusr1_checkpoints_exits_75_and_restart_continues(tiny_model, synthetic_data, tmp_path):
+    out = tmp_path / "preempted"
+    args = _overrides(tiny_model, synthetic_data, out, **{"train.max_steps": 0, "train.epochs": 20, "train.save_steps": 0})
+    proc = subprocess.Popen(launch_command(args, 2), cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(_train_records(out) if (out / "metrics.jsonl").exists() else {}) < 3:
+            time.sleep(0.2)
+        # The training ranks, not the launcher processes above them (they get --local_rank=N).
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if any(a.startswith("--local_rank=") for a in p.cmdline())]
+        assert len(workers) == 2
+        for w in workers:
+            w.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    stopped_at = max(_train_records(out))
+    total = 20 * 15  # 96 pairs pack into 30 rows: 15 steps an epoch on 2 ranks
+    assert stopped_at < total
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped_at:06d}"
+    resumed = launch(args, ranks=2)
+    assert resumed.returncode == 0
+    assert f"at step {stopped_at}" in resumed.stdout
+    assert sorted(_train_records(out)) == list(range(1, total + 1))  # continuous: no gap, no duplicate
+
+
+def test_export_from_checkpoint_matches_the_trained_model(reference_run, tmp_path):
+    out = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, "-m", "orpo_ds", "export",
+                           "--checkpoint", str(reference_run), "--out", str(out)], cwd=REPO, env=run_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    trained = AutoModelForCausalLM.from_pretrained(reference_run / "final").eval()  # gathered from the live engine
+    ids = torch.tensor([byte_ids("a fixed batch of text!")])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=0, atol=0)
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+
+
+def test_non_finite_batch_is_skipped_logged_and_training_goes_on(tiny_model, synthetic_data, tmp_path):
+    # A model whose embedding of "~" is NaN: any sequence containing "~" gives a NaN loss.
+    poisoned = tmp_path / "poisoned-model"
+    poisoned.mkdir()
+    for f in tiny_model.iterdir():
+        (poisoned / f.name).write_bytes(f.read_bytes())
+    weights = load_file(tiny_model / "model.safetensors")
+    weights["model.embed_tokens.weight"][byte_ids("~")[0]] = float("nan")
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    data = write_pairs(tmp_path / "pairs.jsonl", 40, seed=3)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[17]["chosen"] += "~"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = tmp_path / "run"
+    proc = launch(["train", *base_overrides(poisoned, {"train": data}, out, **{"train.max_steps": 0})], ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = _train_records(out)
+    skipped = [m for m in records.values() if m.get("skipped")]
+    assert len(skipped) == 1
+    assert 17 in skipped[0]["nonfinite_pair_ids"] or "pair ids [17" in proc.stderr
+    assert "non-finite loss, update skipped" in proc.stderr
+    assert max(records) > skipped[0]["step"]  # training went on
+    final = load_file(out / "final" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for k, v in final.items() if k != "model.embed_tokens.weight")
