@@ -49,7 +49,7 @@ test-unit: setup
 	$(PY) -m pytest -q -ra tests/unit
 
 test-dist: setup
-	$(PY) -m pytest -q -ra tests/dist
+	$(PY) -m pytest -q -ra tests/distributed
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis

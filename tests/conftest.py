@@ -1,4 +1,4 @@
-"""Test tiers: tests/unit (fast CPU), tests/dist (gloo, 2 ranks, real DeepSpeed), tests/gpu (CUDA only)."""
+"""Test tiers: tests/unit (fast CPU), tests/distributed (gloo, 2 ranks, real DeepSpeed), tests/gpu (CUDA only)."""
 
 import os
 import sys
@@ -36,5 +36,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
             if not has_cuda:
                 item.add_marker(skip_gpu)
-        elif f"{os.sep}dist{os.sep}" in path:
+        elif f"{os.sep}distributed{os.sep}" in path:
             item.add_marker(pytest.mark.dist)

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = Path(__file__).with_name("cluster.sh")
 SBATCH_SCRIPT = REPO / "launch" / "orpo.sbatch"
-ZERO3_TINY = REPO / "tests" / "dist" / "zero3_tiny.json"
+ZERO3_TINY = REPO / "tests" / "distributed" / "zero3_tiny.json"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED"}
 

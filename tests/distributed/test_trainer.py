@@ -16,7 +16,7 @@ from orpo_ds.config import load_config
 from orpo_ds.data import load_records, tokenize_pairs
 from orpo_ds.metrics import read_metrics
 from orpo_ds.train import plan_run
-from tests.dist.conftest import base_overrides, launch, run_env
+from tests.distributed.conftest import base_overrides, launch, run_env
 from tests.helpers.reference import reference_step_loss, reference_train
 from tests.helpers.synthetic import write_pairs
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orpo_ds.assets import prepare_assets
 from orpo_ds.metrics import read_metrics
-from tests.dist.conftest import REPO, launch, run_env
+from tests.distributed.conftest import REPO, launch, run_env
 
 
 def test_demo_config_runs_on_real_assets_and_export_reloads(tmp_path):

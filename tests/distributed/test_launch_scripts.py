@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.dist.conftest import REPO, base_overrides, free_port, run_env
+from tests.distributed.conftest import REPO, base_overrides, free_port, run_env
 
 LAUNCH = REPO / "launch"
 PYTHON = sys.executable

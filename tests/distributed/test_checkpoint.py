@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from orpo_ds.cli import EXIT_PREEMPTED
 from orpo_ds.metrics import read_metrics
-from tests.dist.conftest import REPO, base_overrides, launch, launch_command, run_env
+from tests.distributed.conftest import REPO, base_overrides, launch, launch_command, run_env
 from tests.helpers.tokenizers import byte_ids
 from tests.helpers.synthetic import write_pairs
 
