@@ -96,6 +96,19 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder named by the user: a ``step-N`` folder itself, a run's output_dir, or its
+    ``checkpoints/`` folder (the latest complete checkpoint in them). Raises ResumeError if none."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = latest_checkpoint(path.parent if path.name == "checkpoints" else path)
+    if found is None:
+        raise ResumeError(f"{str(path)!r}: no complete orpo-ds checkpoint there (a folder holding {STATE_FILE}, "
+                          f"or an output_dir with checkpoints/)")
+    return found
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     """``train.resume``: ``auto`` -> latest complete checkpoint in output_dir (or None: a fresh start),
     ``false`` -> None, anything else -> that checkpoint folder, which must exist."""
@@ -103,14 +116,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         return None
     if resume == "auto":
         return latest_checkpoint(output_dir)
-    path = Path(resume)
-    if (path / STATE_FILE).is_file():
-        return path
-    found = latest_checkpoint(path.parent.parent) if path.name == "checkpoints" else latest_checkpoint(path)
-    if found is None:
-        raise ResumeError(f"train.resume={resume!r}: no complete checkpoint there (a folder holding "
-                          f"{STATE_FILE}, or an output_dir with checkpoints/)")
-    return found
+    return find_checkpoint(resume)
 
 
 def read_state(ckpt: Path) -> TrainerState:

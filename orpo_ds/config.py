@@ -155,12 +155,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-
-
-def _section_class(name: str) -> type:
-    return {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig,
-            "deepspeed": DeepSpeedSection}[name]
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig,
+            "deepspeed": DeepSpeedSection}
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -232,7 +228,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     for name, values in (tree or {}).items():
         if name not in SECTIONS:
             raise ConfigError(f"{name}: unknown section; valid sections: {', '.join(SECTIONS)}")
-        cls = _section_class(name)
+        cls = SECTIONS[name]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in (values or {}).items():
@@ -242,7 +238,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
             kwargs[key] = _coerce(dotted, value, fields[key].type)
         sections[name] = kwargs
     try:
-        built = {name: _section_class(name)(**sections.get(name, {})) for name in SECTIONS}
+        built = {name: cls(**sections.get(name, {})) for name, cls in SECTIONS.items()}
         return Config(**built)
     except TypeError as exc:  # pragma: no cover - guarded by the key checks above
         raise ConfigError(str(exc)) from exc

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from orpo_ds import engine as eng_lib
-from orpo_ds.checkpoint import STATE_FILE, latest_checkpoint
+from orpo_ds.checkpoint import find_checkpoint
 
 # The policy wraps the causal LM as `causal_lm`; checkpoint keys carry that prefix.
 _PREFIX = "causal_lm."
@@ -25,13 +25,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    ckpt = Path(checkpoint)
-    if not (ckpt / STATE_FILE).is_file():
-        found = latest_checkpoint(ckpt.parent if ckpt.name == "checkpoints" else ckpt)
-        if found is None:
-            raise FileNotFoundError(f"{checkpoint}: no complete orpo-ds checkpoint (a folder with {STATE_FILE}, "
-                                    f"or an output_dir holding checkpoints/)")
-        ckpt = found
+    ckpt = find_checkpoint(checkpoint)
     state = {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v
              for k, v in eng_lib.consolidate_zero_checkpoint(ckpt / "ds").items()}
     config = AutoConfig.from_pretrained(ckpt / "hf")
