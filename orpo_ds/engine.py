@@ -212,6 +212,9 @@ class Engine:
         self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         self.module = self.engine.module
+        # DeepSpeed's fp32 ZeRO-0 path clips with a norm it does not keep, so we measure that one ourselves.
+        self._measure_grad_norm = zero_stage(ds_config) == 0 and not ds_config["bf16"]["enabled"]
+        self._measured_grad_norm: float | None = None
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -221,6 +224,10 @@ class Engine:
         self.engine.backward(loss)
 
     def step(self) -> None:
+        if self._measure_grad_norm:
+            # After backward ZeRO-0 holds the rank-averaged gradients, the ones clipping sees.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            self._measured_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.engine.step()
 
     def train(self) -> None:
@@ -256,7 +263,8 @@ class Engine:
         return float(self.lr_schedule.get_last_lr()[0])
 
     def grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
+        """L2 norm of the last step's gradients over all ranks, before clipping."""
+        norm = self._measured_grad_norm if self._measure_grad_norm else self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     def gather_params(self, params: list[torch.nn.Parameter]):

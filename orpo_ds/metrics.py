@@ -24,6 +24,13 @@ class MetricsLog:
                 f.write(json.dumps(clean) + "\n")
         return record
 
+    def logged_eval(self, step: int) -> dict | None:
+        """The held-out eval record logged at ``step`` by an earlier run of this job (main rank only)."""
+        if not (self.enabled and self.path.is_file()):
+            return None
+        found = [r for r in read_metrics(self.path)
+                 if r.get("step") == step and any(k.startswith("eval/") for k in r)]
+        return found[-1] if found else None
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records of steps after the checkpoint; those steps run again."""

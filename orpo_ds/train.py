@@ -202,9 +202,13 @@ def run_training(cfg: Config) -> dict[str, float]:
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
     saver = ckpt_lib.CheckpointSaver(engine, policy, tokenizer, cfg, info, num_pairs=len(train_pairs))
     done_steps = saver.resume(resume_from, log) if resume_from else 0
+    # A requeued job whose last checkpoint is the final step already evaluated after training (the eval
+    # precedes that checkpoint): it reports the logged figures and re-exports, without logging them twice.
+    finished = bool(steps) and done_steps == len(steps)
     summary: dict = {"resumed_from_step": done_steps}
-    if eval_pairs and cfg.train.eval_before and done_steps == 0:
-        summary["eval_before"] = log.write({"step": 0, **evaluate(engine, eval_pairs, cfg, info, pad_id)})
+    if eval_pairs and cfg.train.eval_before:
+        summary["eval_before"] = (log.write({"step": 0, **evaluate(engine, eval_pairs, cfg, info, pad_id)})
+                                  if done_steps == 0 else log.logged_eval(0))
 
     engine.train()
     bar = progress_bar(len(steps), enabled=info.is_main, initial=done_steps)
@@ -250,8 +254,9 @@ def run_training(cfg: Config) -> dict[str, float]:
     bar.close()
     wall = time.perf_counter() - run_start
     if eval_pairs:
-        summary["eval_after"] = log.write({"step": len(steps), **evaluate(engine, eval_pairs, cfg, info, pad_id)})
-    if steps and done_steps < len(steps):
+        summary["eval_after"] = (log.logged_eval(len(steps)) if finished else
+                                 log.write({"step": len(steps), **evaluate(engine, eval_pairs, cfg, info, pad_id)}))
+    if steps and not finished:
         saver.save(len(steps), steps[-1].epoch)
     summary["train_wall_s"] = wall
     summary["tokens_per_s"] = total_tokens / wall if wall > 0 else 0.0

@@ -77,6 +77,24 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model, synt
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000009", "step-000010"]
 
 
+def test_requeue_of_a_finished_run_reports_without_training_or_logging_again(tiny_model, synthetic_data, tmp_path):
+    out = tmp_path / "done"
+    args = _overrides(tiny_model, synthetic_data, out, **{"train.max_steps": 3, "data.eval": synthetic_data["eval"]})
+    assert launch(args, ranks=2).returncode == 0
+    logged = (out / "metrics.jsonl").read_text()
+    (out / "final").rename(out / "final-first")
+    again = launch(args, ranks=2)
+    assert again.returncode == 0 and "at step 3" in again.stdout
+    assert (out / "metrics.jsonl").read_text() == logged  # no step re-run, no eval logged twice
+    summary = json.loads((out / "summary.json").read_text())
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 3]
+    assert summary["eval_before"] == evals[0] and summary["eval_after"] == evals[1]
+    assert "preference accuracy" in again.stdout  # the before/after table is printed from the logged figures
+    a, b = load_file(out / "final" / "model.safetensors"), load_file(out / "final-first" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # re-exported from the checkpoint
+
+
 def test_sigusr1_checkpoints_exits_75_and_restart_continues(tiny_model, synthetic_data, tmp_path):
     out = tmp_path / "preempted"
     args = _overrides(tiny_model, synthetic_data, out, **{"train.max_steps": 0, "train.epochs": 20, "train.save_steps": 0})
