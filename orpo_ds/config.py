@@ -37,10 +37,13 @@ class ModelConfig:
     attn_implementation: str = "auto"  # auto: flash_attention_2 where flash-attn and CUDA exist, else sdpa
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    trainable_layers: int | None = None  # train only the last N decoder layers (+ final norm); None: all
 
     def __post_init__(self):
         _require(bool(self.name_or_path), "model.name_or_path",
                  "is empty; set it to a local model folder or a hub name, e.g. model.name_or_path=path/to/model")
+        _require(self.trainable_layers is None or self.trainable_layers >= 1, "model.trainable_layers",
+                 f"must be >= 1 or null (train every layer), got {self.trainable_layers}")
         _require(self.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
                  f"{self.attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
 

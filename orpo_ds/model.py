@@ -24,6 +24,28 @@ def resolve_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
+def train_top_layers_only(causal_lm: nn.Module, num_layers: int) -> None:
+    """Freeze everything except the last ``num_layers`` decoder layers and the final norm (freeze tuning).
+
+    The embeddings and the output head stay frozen (tied in most small models, so freezing one freezes
+    both). Autograd then stops below the lowest trainable layer, so the backward pass and the optimizer
+    state shrink with the trainable share. Raises ``ValueError`` for a count the model cannot satisfy.
+    """
+    layers = getattr(causal_lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"model.trainable_layers: {type(causal_lm).__name__} has no decoder `layers` list "
+                         "to choose from; leave it unset (train every layer)")
+    if not 1 <= num_layers <= len(layers):
+        raise ValueError(f"model.trainable_layers: the model has {len(layers)} decoder layers, "
+                         f"got {num_layers}; pick 1..{len(layers)} or leave it unset")
+    causal_lm.requires_grad_(False)
+    for layer in layers[len(layers) - num_layers:]:
+        layer.requires_grad_(True)
+    final_norm = getattr(causal_lm.get_decoder(), "norm", None)
+    if final_norm is not None:
+        final_norm.requires_grad_(True)
+
+
 class PolicyWithChunkedHead(nn.Module):
     """Runs the decoder body on a packed row, then log-probs of the labelled tokens only.
 

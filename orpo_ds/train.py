@@ -25,7 +25,7 @@ from orpo_ds.data import DataError, load_records, tokenize_pairs
 from orpo_ds.evaluate import evaluate_pairs
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.metrics import MetricsLog, progress_bar
-from orpo_ds.model import PolicyWithChunkedHead, resolve_attn_implementation
+from orpo_ds.model import PolicyWithChunkedHead, resolve_attn_implementation, train_top_layers_only
 from orpo_ds.packing import DEFAULT_LAYOUT, TokenizedPair, build_row, pack_pairs, plan_steps
 from orpo_ds.preemption import Preempted, PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics
@@ -171,6 +171,8 @@ def build_policy(cfg: Config, ds_config: dict, dtype: torch.dtype):
         cfg.model.name_or_path, dtype=dtype, attn_implementation=attn,
         trust_remote_code=cfg.model.trust_remote_code), ds_config)
     model.config.use_cache = False
+    if cfg.model.trainable_layers is not None:
+        train_top_layers_only(model, cfg.model.trainable_layers)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = PolicyWithChunkedHead(model, chunk_size=cfg.loss.chunk_size)

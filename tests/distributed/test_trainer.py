@@ -88,18 +88,31 @@ def _step_pairs(plan, pairs):
     return [[pairs[i] for rank_rows in step.rows for row in rank_rows if row is not None for i in row] for step in plan]
 
 
+def _freeze_all_but_last_layer_by_hand(model) -> None:
+    """The naive form of ``model.trainable_layers=1`` on the 2-layer tiny Llama."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("model.layers.1.") or name == "model.norm.weight")
+
+
 # ZeRO-0 too: there DeepSpeed clips with a norm it does not report, so the engine measures grad_norm itself.
-@pytest.mark.parametrize("ds_config", [None, "ds_configs/zero0.json"], ids=["zero3", "zero0"])
-def test_two_ranks_match_single_process_reference_over_five_steps(tiny_model, synthetic_data, tmp_path, ds_config):
+# Freeze tuning under ZeRO-3: frozen partitioned weights must stay out of the gradient norm and the update.
+@pytest.mark.parametrize("ds_config, trainable_layers", [(None, None), ("ds_configs/zero0.json", None), (None, 1)],
+                         ids=["zero3", "zero0", "zero3-last-layer-only"])
+def test_two_ranks_match_single_process_reference_over_five_steps(tiny_model, synthetic_data, tmp_path, ds_config,
+                                                                   trainable_layers):
     extra = {"train.max_steps": 5, "train.lr_schedule": "constant", "train.lr": 2e-3, "train.max_grad_norm": 1.0}
     if ds_config:
         extra["deepspeed.config"] = REPO / ds_config
+    if trainable_layers:
+        extra["model.trainable_layers"] = trainable_layers
     overrides, cfg, tokenizer, pairs = _reference_setup(tiny_model, synthetic_data["train"], tmp_path / "run", extra)
     proc = launch(["train", *overrides], ranks=2)
     assert proc.returncode == 0
     got = train_steps(read_metrics(tmp_path / "run" / "metrics.jsonl"))
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    if trainable_layers:
+        _freeze_all_but_last_layer_by_hand(model)
     steps = _step_pairs(plan_run(pairs, cfg, world_size=2), pairs)
     ref = reference_train(model, steps, beta=cfg.loss.beta, nll_on_prompt=False, pad_id=tokenizer.pad_token_id,
                           lr=cfg.train.lr, max_grad_norm=1.0, total_steps=5, schedule_factor=lambda s: 1.0)
@@ -109,6 +122,24 @@ def test_two_ranks_match_single_process_reference_over_five_steps(tiny_model, sy
         assert g["loss"] == pytest.approx(r["loss"], rel=1e-4), (g["step"], g["loss"], r["loss"])
         assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3)
     assert got[-1]["loss"] != pytest.approx(got[0]["loss"], rel=1e-3)  # the curve moved: updates happened
+    if trainable_layers:
+        _assert_export_matches_reference_weights(tmp_path / "run", model, tmp_path / "exported")
+
+
+def _assert_export_matches_reference_weights(run_dir, reference_model, export_dir):
+    """The live export and the one rebuilt from the ZeRO checkpoint (which stores frozen weights apart
+    from the optimizer's) both equal the reference's weights: frozen ones untouched, trained ones moved."""
+    proc = subprocess.run([sys.executable, "-m", "orpo_ds", "export", "--checkpoint", str(run_dir),
+                           "--out", str(export_dir)], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    original = AutoModelForCausalLM.from_pretrained(reference_model.name_or_path).state_dict()
+    reference = reference_model.state_dict()
+    for folder in (run_dir / "final", export_dir):
+        exported = load_file(folder / "model.safetensors")
+        for name, param in reference_model.named_parameters():
+            torch.testing.assert_close(exported[name], reference[name], rtol=1e-4, atol=1e-5, msg=f"{folder}: {name}")
+            if not param.requires_grad:
+                assert torch.equal(exported[name], original[name]), name
 
 
 def test_nll_on_prompt_step_metrics_equal_naive_reference(tiny_model, synthetic_data, tmp_path):
