@@ -76,6 +76,8 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        if not on_gpu:
+            release_cpu_comm_buffer_name()
     if on_gpu:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -83,6 +85,28 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
                     device=device)
+
+
+def cpu_comm_buffer_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU shared-memory collectives keep ``rank``'s 69 MB buffer (its naming, in
+    ``csrc/cpu/comm/shm.cpp``: uid, MASTER_ADDR, MASTER_PORT, rank)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                               f"{os.environ.get('MASTER_PORT')}_{rank}")
+
+
+def release_cpu_comm_buffer_name() -> None:
+    """Unlink this rank's shared-memory buffer name once every rank has mapped every buffer.
+
+    DeepSpeed 0.19.8 never unlinks them, so each CPU run on a new port leaves 69 MB per rank in
+    /dev/shm (RAM) for good; a few hundred runs filled 15 GB of this machine's 24 and the kernel OOM-killed
+    the next training. The mappings outlive the name, so the run itself is unaffected, and a run killed
+    later (SIGKILL, OOM) leaves nothing behind either.
+    """
+    barrier()  # every rank's init has opened all the others' buffers by now
+    try:
+        cpu_comm_buffer_path(dist.get_rank()).unlink()
+    except FileNotFoundError:
+        pass  # no shm op (not built, or ranks on several hosts): nothing was created
 
 
 def build_cpu_comm_op() -> None:
