@@ -12,6 +12,7 @@ import importlib.util
 import torch
 from torch import nn
 
+from orpo_ds.config import ConfigError
 from orpo_ds.logps import chunked_token_logps
 
 
@@ -29,14 +30,15 @@ def train_top_layers_only(causal_lm: nn.Module, num_layers: int) -> None:
 
     The embeddings and the output head stay frozen (tied in most small models, so freezing one freezes
     both). Autograd then stops below the lowest trainable layer, so the backward pass and the optimizer
-    state shrink with the trainable share. Raises ``ValueError`` for a count the model cannot satisfy.
+    state shrink with the trainable share. Raises :class:`ConfigError` (the CLI's config-error exit) for a
+    count the model cannot satisfy.
     """
     layers = getattr(causal_lm.get_decoder(), "layers", None)
     if layers is None:
-        raise ValueError(f"model.trainable_layers: {type(causal_lm).__name__} has no decoder `layers` list "
+        raise ConfigError(f"model.trainable_layers: {type(causal_lm).__name__} has no decoder `layers` list "
                          "to choose from; leave it unset (train every layer)")
     if not 1 <= num_layers <= len(layers):
-        raise ValueError(f"model.trainable_layers: the model has {len(layers)} decoder layers, "
+        raise ConfigError(f"model.trainable_layers: the model has {len(layers)} decoder layers, "
                          f"got {num_layers}; pick 1..{len(layers)} or leave it unset")
     causal_lm.requires_grad_(False)
     for layer in layers[len(layers) - num_layers:]:

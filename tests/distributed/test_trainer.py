@@ -4,8 +4,10 @@ single-process runs and against a naive padded reference written in the tests.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,12 +242,10 @@ def test_eval_command_agrees_with_the_trainers_final_eval(learnable_run, synthet
 
 
 def _shm_buffers() -> set[str]:
-    from pathlib import Path
-
     return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm"), reason="no /dev/shm on this host")
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this host")
 def test_a_cpu_run_leaves_no_shared_memory_buffers_behind(tiny_model, synthetic_data, tmp_path):
     """DeepSpeed's CPU collectives create a 69 MB /dev/shm buffer per rank and never unlink it; the
     engine does, so repeated runs do not eat the host's RAM."""

@@ -51,7 +51,7 @@ def test_trainable_gradients_equal_those_of_full_fine_tuning():
 
 @pytest.mark.parametrize("count", [0, 4])
 def test_a_layer_count_the_model_lacks_is_an_error_naming_the_key(count):
-    with pytest.raises(ValueError, match=r"model\.trainable_layers.*3 decoder layers"):
+    with pytest.raises(ConfigError, match=r"model\.trainable_layers.*3 decoder layers"):
         train_top_layers_only(_tiny_llama(layers=3), count)
 
 
