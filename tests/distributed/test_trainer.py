@@ -140,8 +140,7 @@ def _assert_export_matches_reference_weights(run_dir, reference_model, export_di
         exported = load_file(folder / "model.safetensors")
         for name, param in reference_model.named_parameters():
             torch.testing.assert_close(exported[name], reference[name], rtol=1e-4, atol=1e-5, msg=f"{folder}: {name}")
-            if not param.requires_grad:
-                assert torch.equal(exported[name], original[name]), name
+            assert torch.equal(exported[name], original[name]) is not param.requires_grad, name
 
 
 def test_nll_on_prompt_step_metrics_equal_naive_reference(tiny_model, synthetic_data, tmp_path):
