@@ -11,11 +11,20 @@ Layout under ``<train.output_dir>/checkpoints/``::
 
 A checkpoint is written under ``.tmp-step-000005`` and renamed once every rank has finished writing;
 only then does ``latest`` change (write a temp file, ``os.replace``). A kill at any point leaves the
-previous checkpoint and pointer intact; stale ``.tmp-*`` folders are deleted by the next save.
+previous checkpoint and pointer intact; stale ``.tmp-*`` folders are deleted by the next save. A re-save
+of a step renames the old folder aside (``.old-step-000005``) before the new one is renamed in, and a
+reader that finds only that twin uses it. Pruning never deletes the checkpoint just written, nor the one
+``latest`` names.
+
+The RNG files hold only tensors, numbers and strings and are read with ``torch.load(weights_only=True)``,
+so they cannot run code. DeepSpeed's own engine state (``ds/``) is still read with pickle by DeepSpeed:
+resume and export only checkpoints you trust.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -31,7 +40,9 @@ import torch
 
 from orpo_ds import engine as eng_lib
 from orpo_ds.config import Config
+from orpo_ds.data import tokenizer_identity
 from orpo_ds.metrics import MetricsLog
+from orpo_ds.packing import TokenizedPair
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -53,14 +64,53 @@ class TrainerState:
     num_pairs: int
     model: str
     config: dict[str, Any]
+    # What the packing plan is a function of, besides the fields above. None in checkpoints written
+    # before they were recorded: such a resume compares only the pair count.
+    data_fingerprint: str | None = None  # sha256 of the tokenized training pairs, in order
+    max_length: int | None = None
+    truncation: str | None = None
+    tokenizer_sha256: str | None = None  # vocabulary, merges, added tokens and chat template
+
+
+def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
+    """sha256 of the tokenized training pairs in order: ids and lengths of every prompt and response.
+    Equal fingerprints mean the same packing plan for the same budget, seed and world size."""
+    h = hashlib.sha256()
+    for p in pairs:
+        header = [p.pair_id, len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)]
+        h.update(np.asarray(header + [*p.prompt_ids, *p.chosen_ids, *p.rejected_ids], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def run_identity(cfg: Config, world_size: int, pairs: list[TokenizedPair], tokenizer) -> TrainerState:
+    """What a checkpoint of this run records about it (at step 0): a resume must match it."""
+    t = cfg.train
+    return TrainerState(step=0, epoch=0, world_size=world_size, grad_accum=t.grad_accum,
+                        micro_batch_tokens=t.micro_batch_tokens, seed=t.seed, num_pairs=len(pairs),
+                        model=cfg.model.name_or_path, config=cfg.to_dict(), data_fingerprint=pairs_fingerprint(pairs),
+                        max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+                        tokenizer_sha256=tokenizer_identity(tokenizer)["state_sha256"])
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def output_dir_of(ckpt: Path) -> Path:
+    """The run folder a ``checkpoints/step-N`` folder belongs to (its own parent when it stands alone)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def _step_of(folder: Path) -> int:
+    return int(_STEP_DIR.match(folder.name).group(1))
+
+
+def _aside_name(name: str) -> str:
+    return f".old-{name}"
 
 
 def fault_point(name: str, step: int) -> None:
@@ -71,13 +121,19 @@ def fault_point(name: str, step: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG the run draws from, as tensors, lists, numbers and strings only (no pickled objects),
+    so that ``torch.load(weights_only=True)`` reads it back."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -88,11 +144,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = checkpoints_dir(output_dir)
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
+        name = pointer.read_text().strip()
+        for candidate in (root / name, root / _aside_name(name)):  # the twin: a re-save killed mid-swap
+            if (candidate / STATE_FILE).is_file():
+                return candidate
     complete = sorted((p for p in root.glob("step-*") if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()),
-                      key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+                      key=_step_of)
     return complete[-1] if complete else None
 
 
@@ -109,37 +166,61 @@ def find_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str, output_dir: str | Path, overwrite: bool = False) -> Path | None:
     """``train.resume``: ``auto`` -> latest complete checkpoint in output_dir (or None: a fresh start),
-    ``false`` -> None, anything else -> that checkpoint folder, which must exist."""
+    ``false`` -> None, anything else -> that checkpoint folder, which must exist.
+
+    A fresh start (``false``) into an output_dir that holds checkpoints is refused unless ``overwrite``
+    (``train.overwrite``): its pruning and ``latest`` pointer would otherwise mix two runs.
+    """
     if resume == "false":
+        existing = sorted(p.name for p in checkpoints_dir(output_dir).glob("step-*"))
+        if existing and not overwrite:
+            raise ResumeError(f"train.resume=false, but {output_dir} already holds checkpoints of another run "
+                              f"({', '.join(existing[-3:])}). Set train.overwrite=true to delete them and start "
+                              f"fresh, train.resume=auto to continue that run, or choose a new train.output_dir")
         return None
     if resume == "auto":
         return latest_checkpoint(output_dir)
     return find_checkpoint(resume)
 
 
+def clear_run_state(output_dir: str | Path) -> None:
+    """``train.overwrite=true``: delete an earlier run's checkpoints and step log (never anything else)."""
+    out = Path(output_dir)
+    shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json", "curves.png"):
+        (out / name).unlink(missing_ok=True)
+
+
 def read_state(ckpt: Path) -> TrainerState:
     return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
 
 
-def check_compatible(state: TrainerState, *, world_size: int, grad_accum: int, micro_batch_tokens: int, seed: int,
-                     num_pairs: int, model: str, ckpt: Path) -> None:
-    """Refuse a resume whose data position or engine state would not mean the same thing."""
+def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path) -> None:
+    """Refuse a resume whose data position or engine state would not mean the same thing; ``new`` is the
+    state this run would save (its step and epoch are ignored)."""
     problems = []
-    if state.world_size != world_size:
-        problems.append(f"world size {state.world_size} -> {world_size} (ZeRO partitions and the data plan depend "
-                        f"on it; resume with {state.world_size} ranks, or export the checkpoint and start a new "
-                        f"run from the exported model)")
-    for key, old, new in (("train.grad_accum", state.grad_accum, grad_accum),
-                          ("train.micro_batch_tokens", state.micro_batch_tokens, micro_batch_tokens),
-                          ("train.seed", state.seed, seed)):
-        if old != new:
-            problems.append(f"{key} {old} -> {new} (it changes which pairs each step holds)")
-    if state.num_pairs != num_pairs:
-        problems.append(f"training pairs {state.num_pairs} -> {num_pairs} (different data)")
-    if state.model != model:
-        problems.append(f"model.name_or_path {state.model!r} -> {model!r}")
+    if state.world_size != new.world_size:
+        problems.append(f"world size {state.world_size} -> {new.world_size} (ZeRO partitions and the data plan "
+                        f"depend on it; resume with {state.world_size} ranks, or export the checkpoint and start a "
+                        f"new run from the exported model)")
+    for key in ("grad_accum", "micro_batch_tokens", "seed"):
+        if getattr(state, key) != getattr(new, key):
+            problems.append(f"train.{key} {getattr(state, key)} -> {getattr(new, key)} (it changes which pairs "
+                            f"each step holds)")
+    if state.num_pairs != new.num_pairs:
+        problems.append(f"training pairs {state.num_pairs} -> {new.num_pairs} (different data)")
+    if state.model != new.model:
+        problems.append(f"model.name_or_path {state.model!r} -> {new.model!r}")
+    for key in ("max_length", "truncation"):  # None: a checkpoint from before these were recorded
+        if getattr(state, key) is not None and getattr(state, key) != getattr(new, key):
+            problems.append(f"data.{key} {getattr(state, key)!r} -> {getattr(new, key)!r} (it changes the "
+                            f"tokenized pairs)")
+    if state.tokenizer_sha256 is not None and state.tokenizer_sha256 != new.tokenizer_sha256:
+        problems.append("the tokenizer or its chat template changed")
+    if not problems and state.data_fingerprint is not None and state.data_fingerprint != new.data_fingerprint:
+        problems.append("the training data changed (same number of pairs, different content or order)")
     if problems:
         raise ResumeError(f"cannot resume from {ckpt}: " + "; ".join(problems) +
                           ". Set train.resume=false to start fresh, or restore the old settings.")
@@ -166,7 +247,14 @@ def write_rank_state(tmp: Path, rank: int) -> None:
 
 
 def load_rank_state(ckpt: Path, rank: int) -> None:
-    set_rng_state(torch.load(ckpt / "rng" / f"rank-{rank:05d}.pt", weights_only=False))
+    path = ckpt / "rng" / f"rank-{rank:05d}.pt"
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle's errors are many; all mean "not ours"
+        raise ResumeError(f"{path}: refused to load ({type(exc).__name__}: {exc}). orpo-ds RNG files hold "
+                          f"only tensors and numbers; this one holds other objects (an older orpo-ds, or not "
+                          f"orpo-ds's file). Export the checkpoint instead, or start a new run") from exc
+    set_rng_state(state)
 
 
 def commit_save(tmp: Path, state: TrainerState, keep: int, hf_files_from=None) -> Path:
@@ -178,32 +266,45 @@ def commit_save(tmp: Path, state: TrainerState, keep: int, hf_files_from=None) -
     fault_point("kill_before_commit", state.step)
     root = tmp.parent
     final = root / step_dir_name(state.step)
-    if final.exists():  # a re-save of the same step (e.g. preempted right after a periodic save)
-        shutil.rmtree(final)
+    # A re-save of the same step (e.g. preempted right after a periodic save): the old folder is renamed
+    # aside, not deleted, until the new one is in place (latest_checkpoint reads the twin meanwhile).
+    aside = root / _aside_name(final.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.exists():
+        os.rename(final, aside)
     os.replace(tmp, final)
     pointer_tmp = root / f".{LATEST}.tmp"
     pointer_tmp.write_text(final.name)
     os.replace(pointer_tmp, root / LATEST)
-    steps = sorted((p for p in root.glob("step-*") if _STEP_DIR.match(p.name)), key=lambda p: p.name)
-    for old in steps[:-keep] if keep > 0 else []:
+    shutil.rmtree(aside, ignore_errors=True)
+    for old in prunable(root, final, keep):
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def prunable(root: Path, committed: Path, keep: int) -> list[Path]:
+    """The checkpoints to delete after ``committed`` was written, keeping ``keep`` in all.
+
+    Kept first: ``committed`` (which ``latest`` now names), then the highest steps below it. Steps above
+    it come from a run this one does not continue (a resume from an older checkpoint), so they go first;
+    ranking by step number alone would delete the checkpoint just written.
+    """
+    current = _step_of(committed)
+    others = [p for p in root.glob("step-*") if _STEP_DIR.match(p.name) and p != committed]
+    ranked = sorted(others, key=lambda p: (_step_of(p) > current, abs(current - _step_of(p))))
+    return ranked[max(keep - 1, 0):]
 
 
 class CheckpointSaver:
     """Saves and restores the run's state through :mod:`orpo_ds.checkpoint` (see its layout)."""
 
-    def __init__(self, engine, policy, tokenizer, cfg: Config, info, num_pairs: int):
+    def __init__(self, engine, policy, tokenizer, cfg: Config, info, identity: TrainerState):
         self.engine, self.policy, self.tokenizer = engine, policy, tokenizer
-        self.cfg, self.info, self.num_pairs = cfg, info, num_pairs
+        self.cfg, self.info, self.identity = cfg, info, identity
         self.out_dir = Path(cfg.train.output_dir)
 
     def _state(self, step: int, epoch: int) -> TrainerState:
-        t = self.cfg.train
-        return TrainerState(step=step, epoch=epoch, world_size=self.info.world_size,
-                                     grad_accum=t.grad_accum, micro_batch_tokens=t.micro_batch_tokens, seed=t.seed,
-                                     num_pairs=self.num_pairs, model=self.cfg.model.name_or_path,
-                                     config=self.cfg.to_dict())
+        return dataclasses.replace(self.identity, step=step, epoch=epoch)
 
     def _write_hf_files(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -225,11 +326,8 @@ class CheckpointSaver:
         eng_lib.barrier()
 
     def resume(self, ckpt: Path, log: MetricsLog) -> int:
+        """Load a checkpoint that :func:`check_compatible` accepted; returns its step."""
         state = read_state(ckpt)
-        t = self.cfg.train
-        check_compatible(state, world_size=self.info.world_size, grad_accum=t.grad_accum,
-                                  micro_batch_tokens=t.micro_batch_tokens, seed=t.seed, num_pairs=self.num_pairs,
-                                  model=self.cfg.model.name_or_path, ckpt=ckpt)
         self.engine.load(ckpt / "ds")
         load_rank_state(ckpt, self.info.rank)
         log.truncate_after(state.step)

@@ -12,9 +12,10 @@ import sys
 from orpo_ds.config import ConfigError, load_config
 from orpo_ds.data import DataError
 
-EXIT_CONFIG_ERROR = 2  # bad config or bad data, reported without a traceback
+from orpo_ds.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: F401 - documented exit codes
+
+EXIT_CONFIG_ERROR = 2  # bad config, bad data or an unsafe output folder, reported without a traceback
 EXIT_RUN_ERROR = 3  # the run stopped itself: non-finite losses, or a checkpoint it cannot resume
-EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1 arrived, a checkpoint was saved: requeue and rerun to continue
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--json", help="also write all metrics to this JSON file")
     e = sub.add_parser("export", help="write a transformers folder from a training checkpoint")
     e.add_argument("--checkpoint", required=True, help="checkpoints/step-N folder, or a run's output_dir")
-    e.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    e.add_argument("--out", required=True, help="folder to write: new, empty, or an earlier orpo-ds export "
+                   "(replaced atomically)")
     e.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB")
     return p
 
@@ -94,13 +96,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _exit_code_for(exc: Exception) -> int:
     from orpo_ds.checkpoint import ResumeError
     from orpo_ds.preemption import Preempted
+    from orpo_ds.safe_files import UnsafeOutputError
     from orpo_ds.train import NonFiniteLossError
 
     if isinstance(exc, Preempted):
         print(f"orpo-ds: {exc}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    if isinstance(exc, (ConfigError, DataError)):
-        kind = "config" if isinstance(exc, ConfigError) else "data"
+        return exc.exit_code
+    if isinstance(exc, (ConfigError, DataError, UnsafeOutputError)):
+        kind = "config" if isinstance(exc, ConfigError) else "data" if isinstance(exc, DataError) else "output"
         print(f"orpo-ds: {kind} error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if isinstance(exc, (NonFiniteLossError, ResumeError)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,11 +104,16 @@ class TrainConfig:
     export: bool = True  # write a transformers folder to <output_dir>/final at the end
     save_steps: int = 0  # DeepSpeed checkpoint every N optimizer steps (0: only at the end and on preemption)
     keep_checkpoints: int = 2  # newest complete checkpoints kept in <output_dir>/checkpoints
-    resume: str = "auto"  # auto: latest complete checkpoint in output_dir, if any | false | a checkpoint path
+    # auto: latest complete checkpoint in output_dir, if any | false | a checkpoint path (YAML true = auto)
+    resume: str = field(default="auto", metadata={"bool_as": {True: "auto", False: "false"}})
+    overwrite: bool = False  # with resume=false: delete an earlier run's checkpoints and metrics in output_dir
     max_nonfinite_steps: int = 3  # stop after this many consecutive steps skipped for a non-finite loss
 
     def __post_init__(self):
+        _require(bool(self.output_dir.strip()), "train.output_dir", "is empty; name a folder for this run, "
+                 "e.g. train.output_dir=runs/my-run")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule",
                  f"{self.lr_schedule!r} is not one of cosine, linear, constant")
         _require(self.optimizer in ("adamw", "sgd"), "train.optimizer",
@@ -174,9 +180,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         hint = next(a for a in args if a is not type(None))
         origin = typing.get_origin(hint)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(key, v, t) for v, t in zip(value, typing.get_args(hint)))
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{key}: expected a list of {len(items)}, got {value!r}")
+        return tuple(_coerce(key, v, t) for v, t in zip(value, items))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -186,8 +193,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -233,11 +240,17 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
             raise ConfigError(f"{name}: unknown section; valid sections: {', '.join(SECTIONS)}")
         cls = SECTIONS[name]
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys (e.g. {name}:\n  {next(iter(fields))}: ...), "
+                              f"got {type(values).__name__} {values!r}")
         kwargs = {}
         for key, value in (values or {}).items():
             dotted = f"{name}.{key}"
             if key not in fields:
                 raise ConfigError(f"{dotted}: unknown key; valid keys in {name}: {', '.join(fields)}")
+            bool_as = fields[key].metadata.get("bool_as")
+            if bool_as and isinstance(value, bool):
+                value = bool_as[value]
             kwargs[key] = _coerce(dotted, value, fields[key].type)
         sections[name] = kwargs
     try:
@@ -255,7 +268,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise ConfigError(f"--config: file {str(path)!r} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--config: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config: {path} is not valid YAML: {exc}") from exc
         if not isinstance(tree, dict):

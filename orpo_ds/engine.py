@@ -131,6 +131,7 @@ def build_ds_config(ds_json: dict[str, Any], cfg: Config, world_size: int, dtype
     disagrees with ours raises ConfigError; ``"auto"`` or an absent key is filled in.
     """
     ds = json.loads(json.dumps(ds_json))  # deep copy
+    zero_stage(ds)  # validates zero_optimization
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(f"deepspeed.config: remove the {section!r} section; orpo-ds builds the optimizer "
@@ -149,6 +150,9 @@ def build_ds_config(ds_json: dict[str, Any], cfg: Config, world_size: int, dtype
         ds[key] = wanted[key]
     bf16 = dtype == torch.bfloat16
     for section, enabled in (("bf16", bf16), ("fp16", False)):
+        if not isinstance(ds.get(section, {}), dict):
+            raise ConfigError(f"deepspeed.config: {section!r} must be a section like {{\"enabled\": \"auto\"}}, "
+                              f"got {ds[section]!r}; precision comes from train.precision")
         have = ds.get(section, {}).get("enabled", "auto")
         if have != "auto" and bool(have) != enabled:
             raise ConfigError(f"deepspeed.config sets {section}.enabled={have} but train.precision resolves to "
@@ -164,13 +168,24 @@ def read_ds_config(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"deepspeed.config: file {path!r} does not exist; pick one of ds_configs/*.json")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+        ds = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {exc}") from exc
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed.config: {path} must hold a JSON object of engine settings, got a "
+                          f"{type(ds).__name__}")
+    return ds
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    """The ZeRO stage (0 when absent); ConfigError for anything but a mapping with a stage of 0-3."""
+    zero = ds_config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"deepspeed.config: zero_optimization must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
 
 
 def load_pretrained(loader: Callable[[], torch.nn.Module], ds_config: dict[str, Any]) -> tuple[torch.nn.Module, Any]:

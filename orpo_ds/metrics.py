@@ -33,16 +33,34 @@ class MetricsLog:
         return found[-1] if found else None
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps after the checkpoint; those steps run again."""
+        """On resume: drop records of steps after the checkpoint; those steps run again. A torn last line
+        (a write cut by a full disk or a kill) is dropped too, with a warning."""
         if self.enabled and self.path.is_file():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             tmp.replace(self.path)
 
+    def start_fresh(self) -> None:
+        """A run that resumes nothing: an earlier log here (a run that never saved a checkpoint, or one
+        replaced by ``train.resume=false``) is kept as ``metrics.prev.jsonl`` rather than appended to."""
+        if self.enabled and self.path.is_file() and self.path.stat().st_size:
+            self.path.replace(self.path.with_name("metrics.prev.jsonl"))
+
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A line that is not JSON is what a kill or a full disk leaves
+    mid-write (the last line, normally): it is skipped with a warning, so a requeued job gets past it."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"[metrics] {path}: skipping torn line {number} ({len(line)} characters)", file=sys.stderr,
+                  flush=True)
+    return records
 
 
 def progress_bar(total: int, enabled: bool = True, desc: str = "train", initial: int = 0) -> tqdm:

@@ -20,15 +20,17 @@ import torch
 from orpo_ds import checkpoint as ckpt_lib
 from orpo_ds import engine as eng_lib
 from orpo_ds.batch import MicroBatch, dummy_micro_batch, micro_batch_loss, prepare_micro_batch
-from orpo_ds.config import Config, dump_config
+from orpo_ds.config import Config, ConfigError, dump_config
 from orpo_ds.data import DataError, load_records, tokenize_pairs
 from orpo_ds.evaluate import evaluate_pairs
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, resolve_attn_implementation, train_top_layers_only
 from orpo_ds.packing import DEFAULT_LAYOUT, TokenizedPair, build_row, pack_pairs, plan_steps
-from orpo_ds.preemption import Preempted, PreemptionSignal
+from orpo_ds.preemption import EXIT_INTERRUPTED, Preempted, PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics
+from orpo_ds.safe_files import (OutputDirLock, UnsafeOutputError, check_export_target, mark_export, replace_dir,
+                                staging_dir)
 
 LAYOUT = DEFAULT_LAYOUT
 
@@ -136,6 +138,36 @@ def evaluate(engine, pairs: list[TokenizedPair], cfg: Config, info, pad_token_id
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
+def raise_if_any_rank_failed(error: Exception | None, elsewhere: Exception) -> None:
+    """Collective: re-raise ``error`` on the rank that hit it and ``elsewhere`` on every other rank, so a
+    failure on one rank ends the job with its message instead of leaving the others blocked."""
+    failed = eng_lib.all_reduce_sum(torch.tensor([float(error is not None)]))
+    if failed.item():
+        raise error or elsewhere
+
+
+def lock_output_dir(out_dir: Path, info) -> OutputDirLock:
+    """Rank 0 holds ``<output_dir>/.lock`` for the run: a second run into the same folder exits 2."""
+    lock, error = OutputDirLock(out_dir), None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except UnsafeOutputError as exc:
+            error = exc
+    raise_if_any_rank_failed(error, UnsafeOutputError(f"{out_dir} is in use by another run (see rank 0)"))
+    return lock
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as exc:  # a missing folder, or a hub name this machine cannot reach
+        raise ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: not found, or not a "
+                          f"model folder ({str(exc).splitlines()[0]})") from exc
+
+
 def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]:
     """Tokenize on rank 0 first (parallel, cached); the other ranks then read the cache.
 
@@ -155,9 +187,7 @@ def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]
                     print(f"[data] {source}: {report.summary()}", flush=True)
             except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
                 error = exc
-        failed = eng_lib.all_reduce_sum(torch.tensor([float(error is not None)]))
-        if failed.item():
-            raise error or DataError(f"data: {source} failed to load on another rank (see rank 0's error)")
+        raise_if_any_rank_failed(error, DataError(f"data: {source} failed to load on another rank (see rank 0's error)"))
     if not pairs:
         raise DataError(f"data: no usable pairs in {source}")
     return pairs
@@ -167,9 +197,13 @@ def build_policy(cfg: Config, ds_config: dict, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     attn = resolve_attn_implementation(cfg.model.attn_implementation)
-    model, keepalive = eng_lib.load_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
-        cfg.model.name_or_path, dtype=dtype, attn_implementation=attn,
-        trust_remote_code=cfg.model.trust_remote_code), ds_config)
+    try:
+        model, keepalive = eng_lib.load_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
+            cfg.model.name_or_path, dtype=dtype, attn_implementation=attn,
+            trust_remote_code=cfg.model.trust_remote_code), ds_config)
+    except OSError as exc:  # the tokenizer loaded, but the weights are missing or unreadable
+        raise ConfigError(f"model.name_or_path: cannot load the model weights of {cfg.model.name_or_path!r} "
+                          f"({str(exc).splitlines()[0]})") from exc
     model.config.use_cache = False
     if cfg.model.trainable_layers is not None:
         train_top_layers_only(model, cfg.model.trainable_layers)
@@ -180,29 +214,48 @@ def build_policy(cfg: Config, ds_config: dict, dtype: torch.dtype):
     return policy, keepalive
 
 
-def run_training(cfg: Config) -> dict[str, float]:
-    from transformers import AutoTokenizer
+def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: MetricsLog) -> Path | None:
+    """Decide fresh start or resume, refusing what would mix two runs, then record the config.
 
+    Returns the checkpoint to resume from (None: a fresh start). config.json is written only once the
+    resume is accepted, so a refused rerun leaves the folder as it was.
+    """
+    out_dir = Path(cfg.train.output_dir)
+    resume_from = ckpt_lib.resolve_resume(cfg.train.resume, out_dir, overwrite=cfg.train.overwrite)
+    if resume_from is not None:
+        ckpt_lib.check_compatible(ckpt_lib.read_state(resume_from), identity, resume_from)
+    if info.is_main:
+        if resume_from is None:
+            if cfg.train.overwrite:
+                ckpt_lib.clear_run_state(out_dir)
+            log.start_fresh()
+        (out_dir / "config.json").write_text(dump_config(cfg))
+    eng_lib.barrier()
+    return resume_from
+
+
+def run_training(cfg: Config) -> dict[str, float]:
     preemption = PreemptionSignal()  # first: a signal during start-up must not kill the rank
     info = eng_lib.init_distributed()
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(dump_config(cfg))
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    _lock = lock_output_dir(out_dir, info)  # held until the process exits
+    if cfg.train.export:  # refuse now rather than after hours of training
+        check_export_target(out_dir / "final", protected=[])
+    dtype = eng_lib.resolve_dtype(cfg, info)
+    ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), cfg, info.world_size, dtype)
+    tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)
     eval_pairs = load_pairs(cfg.data.eval, tokenizer, cfg, info) if cfg.data.eval else []
     steps = plan_run(train_pairs, cfg, info.world_size)
-    resume_from = ckpt_lib.resolve_resume(cfg.train.resume, out_dir)
+    identity = ckpt_lib.run_identity(cfg, info.world_size, train_pairs, tokenizer)
+    log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
+    resume_from = prepare_output_dir(cfg, info, identity, log)
 
-    dtype = eng_lib.resolve_dtype(cfg, info)
-    ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), cfg, info.world_size, dtype)
     policy, _keepalive = build_policy(cfg, ds_config, dtype)
     engine = eng_lib.Engine(policy, cfg, ds_config, total_steps=len(steps))
-    log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
-    saver = ckpt_lib.CheckpointSaver(engine, policy, tokenizer, cfg, info, num_pairs=len(train_pairs))
+    saver = ckpt_lib.CheckpointSaver(engine, policy, tokenizer, cfg, info, identity)
     done_steps = saver.resume(resume_from, log) if resume_from else 0
     # A requeued job whose last checkpoint is the final step already evaluated after training (the eval
     # precedes that checkpoint): it reports the logged figures and re-exports, without logging them twice.
@@ -248,9 +301,12 @@ def run_training(cfg: Config) -> dict[str, float]:
                                      f"non-finite loss; see the pair ids in metrics.jsonl. Check the data and "
                                      f"the learning rate, or raise train.max_nonfinite_steps")
         ckpt_lib.fault_point("kill_after_step", step_index)
-        if preemption.requested():
+        stop_code = preemption.requested()
+        if stop_code is not None:
             saver.save(step_index, plan.epoch)
-            raise Preempted(f"preempted: checkpoint saved at step {step_index}; rerun to resume")
+            why = "interrupted" if stop_code == EXIT_INTERRUPTED else "preempted"
+            raise Preempted(f"{why}: checkpoint saved at step {step_index}; rerun the same command to resume",
+                            exit_code=stop_code)
         if cfg.train.save_steps and step_index % cfg.train.save_steps == 0 and step_index < len(steps):
             saver.save(step_index, plan.epoch)
     bar.close()
@@ -273,11 +329,14 @@ def run_training(cfg: Config) -> dict[str, float]:
 
 
 def export_model(engine, policy: PolicyWithChunkedHead, tokenizer, out_dir: Path, info) -> Path:
-    """Write a transformers folder (safetensors, config, tokenizer, chat template) from rank 0."""
+    """Write a transformers folder (safetensors, config, tokenizer, chat template) from rank 0, into a
+    staging folder that replaces ``out_dir`` only once complete (:func:`replace_dir`)."""
     state = engine.full_state_dict(policy.causal_lm)
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        policy.causal_lm.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        tmp = staging_dir(out_dir)
+        policy.causal_lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        mark_export(tmp)
+        replace_dir(tmp, out_dir)
     eng_lib.barrier()
     return out_dir

@@ -22,7 +22,10 @@ def test_find_checkpoint_accepts_step_folder_output_dir_and_checkpoints_folder(t
     assert find_checkpoint(tmp_path / "checkpoints") == newest
     assert resolve_resume(str(tmp_path / "checkpoints"), "elsewhere") == newest
     assert resolve_resume("auto", tmp_path) == newest
-    assert resolve_resume("false", tmp_path) is None
+    with pytest.raises(ResumeError, match="train.overwrite=true"):  # a fresh start would mix two runs
+        resolve_resume("false", tmp_path)
+    assert resolve_resume("false", tmp_path, overwrite=True) is None
+    assert resolve_resume("false", tmp_path / "new-run") is None
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

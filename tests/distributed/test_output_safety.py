@@ -1,0 +1,97 @@
+"""Nothing lost, end to end (issue 12): reruns into old folders, changed data, a torn metrics line, a
+second run into a busy folder, a user's folder where the export goes, and Ctrl-C. One CPU rank each:
+these paths do not depend on the world size, and one rank keeps the tier fast."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from orpo_ds.metrics import read_metrics
+from orpo_ds.preemption import EXIT_INTERRUPTED
+from tests.distributed.conftest import REPO, base_overrides, launch, launch_command, run_env
+from tests.helpers.synthetic import write_pairs
+
+
+def _args(model, data, out, **extra):
+    return ["train", *base_overrides(model, {"train": data}, out, **{"train.export": False, **extra})]
+
+
+def _steps(out):
+    return [m["step"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+
+
+def test_reruns_resume_past_a_torn_line_and_refuse_changed_data_or_a_fresh_start(tiny_model, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 24, seed=5)
+    out = tmp_path / "run"
+    assert launch(_args(tiny_model, data, out, **{"train.max_steps": 2}), ranks=1).returncode == 0
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 0.')  # a write cut by a full disk
+    resumed = launch(_args(tiny_model, data, out, **{"train.max_steps": 3}), ranks=1)
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout
+    assert _steps(out) == [1, 2, 3]
+    config_before = (out / "config.json").read_text()
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text(  # the same file, the same number of pairs, chosen <-> rejected
+    "".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                               for r in rows))
+    changed = launch(_args(tiny_model, data, out, **{"train.max_steps": 4}), ranks=1)
+    assert changed.returncode == 3 and "training data changed" in changed.stderr
+    assert "Traceback" not in changed.stderr
+
+    fresh = launch(_args(tiny_model, data, out, **{"train.resume": "false", "train.lr": 5e-4}), ranks=1)
+    assert fresh.returncode == 3 and "train.overwrite=true" in fresh.stderr
+    assert (out / "config.json").read_text() == config_before  # written only once a resume is accepted
+    assert _steps(out) == [1, 2, 3]
+
+    over = launch(_args(tiny_model, data, out, **{"train.resume": "false", "train.overwrite": "true",
+                                                  "train.max_steps": 1}), ranks=1)
+    assert over.returncode == 0 and "resumed from" not in over.stdout
+    assert _steps(out) == [1]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000001"]
+
+
+def test_busy_output_dir_and_a_users_folder_at_final_exit_2_before_any_work(tiny_model, synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from orpo_ds.safe_files import OutputDirLock; "
+                               f"OutputDirLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
+                              cwd=REPO, env=run_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        busy = launch(_args(tiny_model, synthetic_data["train"], out), ranks=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy.returncode == 2 and f"pid {holder.pid} on host" in busy.stderr
+    assert "Traceback" not in busy.stderr and not (out / "config.json").exists()
+
+    (out / "final").mkdir()
+    (out / "final" / "notes.txt").write_text("mine")
+    clash = launch(_args(tiny_model, synthetic_data["train"], out, **{"train.export": True}), ranks=1)
+    assert clash.returncode == 2 and "not an orpo-ds export" in clash.stderr
+    assert (out / "final" / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_model, synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    args = _args(tiny_model, synthetic_data["train"], out, **{"train.epochs": 50})
+    proc = subprocess.Popen(launch_command(args, 1), cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(_steps(out)) >= 2):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    stopped_at = max(_steps(out))
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped_at:06d}"
+    assert f"interrupted: checkpoint saved at step {stopped_at}" in stderr
