@@ -17,7 +17,6 @@ else
 RANKS ?= $(GPUS)
 endif
 CONFIG ?= configs/demo.yaml
-OVERRIDES ?=
 
 .PHONY: setup test test-unit test-dist assets train clean
 
@@ -42,8 +41,16 @@ test: setup
 assets: setup
 	$(PY) -m orpo_ds.assets
 
+# launch/deepspeed.sh runs `deepspeed --num_gpus $(RANKS) --module orpo_ds train --config $(CONFIG) ...`.
+# CONFIG, OVERRIDES and GPUS_PER_NODE reach it in the environment, never in the recipe's text, and the script
+# splits OVERRIDES on whitespace only (launch/common.sh): `make train OVERRIDES='a=1; rm x'` passes the
+# three words `a=1;` `rm` `x` and runs nothing. $(value ...) keeps make from expanding a `$` in them. The
+# script's other variables apply as well (OUTPUT_DIR, MASTER_PORT, DRY_RUN=1: print the command, run nothing).
+train: override export CONFIG := $(value CONFIG)
+train: override export OVERRIDES := $(value OVERRIDES)
+train: export GPUS_PER_NODE := $(RANKS)
 train: assets
-	$(VENV)/bin/deepspeed --num_gpus $(RANKS) --module orpo_ds train --config $(CONFIG) $(OVERRIDES)
+	PYTHON=$(PY) launch/deepspeed.sh
 
 test-unit: setup
 	$(PY) -m pytest -q -ra tests/unit

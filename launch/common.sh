@@ -14,6 +14,7 @@
 # After sourcing: ORPO_REPO (repo root) and PYTHON are set; `orpo_build_command` then fills the arrays
 # ORPO_ARGS (the `orpo_ds train ...` part, for launchers that take a module: deepspeed --module,
 # torchrun -m) and ORPO_CMD ($PYTHON -m + ORPO_ARGS).
+# `orpo_require_numbers NAME...` exits 2 when a numeric variable holds anything but a plain number.
 
 ORPO_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -32,6 +33,20 @@ export PYTHONPATH="$ORPO_REPO${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed JIT-builds its ops (the CPU shm op) once into this folder and reuses the build afterwards.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ORPO_REPO/.cache/torch_extensions}"
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+
+# orpo_require_numbers NAME...: exit 2, naming the variable, unless each named variable is unset, empty
+# (the script's default) or a decimal number: digits only, no leading zero (bash would read 08 as octal).
+# Each launcher calls it first, on every variable it uses in bash arithmetic or hands on as a count or a
+# port: $(( )), (( )) and [[ -gt ]] evaluate a value such as 'a[$(cmd)]' as an expression and run cmd.
+orpo_require_numbers() {
+    local name
+    for name in "$@"; do
+        if [[ -n "${!name:-}" && ! "${!name}" =~ ^(0|[1-9][0-9]*)$ ]]; then
+            printf '%s: %s=%q is not a decimal number\n' "${0##*/}" "$name" "${!name}" >&2
+            exit 2
+        fi
+    done
+}
 
 # orpo_split_words STRING: print nothing, fill the global array ORPO_WORDS with STRING's
 # whitespace-separated words. `read -a` does no globbing and no expansion of any kind.

@@ -16,11 +16,13 @@
 #   MASTER_ADDR     default: 127.0.0.1 on one node; the first host of HOSTFILE otherwise
 #   MASTER_PORT     default 29500
 #   DEEPSPEED       the launcher executable (default: deepspeed next to $PYTHON, else `deepspeed`)
+# GPUS_PER_NODE, NUM_NODES and MASTER_PORT must be decimal numbers: anything else exits 2.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
 source "$HERE/common.sh"
+orpo_require_numbers GPUS_PER_NODE NUM_NODES MASTER_PORT
 # shellcheck disable=SC2119  # no leading overrides of its own
 orpo_build_command
 

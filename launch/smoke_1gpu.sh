@@ -18,12 +18,14 @@
 #   DS_CONFIG   DeepSpeed JSON (default ds_configs/zero3.json)
 #   CONFIG      YAML config (default: none; everything the smoke run needs comes as overrides)
 #   OVERRIDES, OUTPUT_DIR, PYTHON, DRY_RUN=1   as in launch/common.sh (OVERRIDES win over the above)
+# MAX_LENGTH must be a decimal number: anything else exits 2.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CONFIG="${CONFIG-}"
 # shellcheck source=launch/common.sh
 source "$HERE/common.sh"
+orpo_require_numbers MAX_LENGTH
 
 if [[ -z "${DS_ACCELERATOR:-}" ]] && ! { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }; then
     export DS_ACCELERATOR=cpu   # no GPU: DeepSpeed's CPU accelerator and gloo, still one process
