@@ -11,6 +11,8 @@ import random
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,7 @@ from orpo_ds.safe_files import (EXPORT_MARKER, OutputDirLock, UnsafeOutputError,
                                 staging_dir)
 
 BASE = ["model.name_or_path=some/model", "data.train=pairs.jsonl"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _step(root, step, *, payload="x"):
@@ -304,3 +307,44 @@ def test_bad_deepspeed_json_is_a_config_error(tmp_path, text, words):
     cfg = load_config(None, BASE)
     with pytest.raises(ConfigError, match=words):
         build_ds_config(read_ds_config(str(path)), cfg, world_size=1, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+def _train_cli(tmp_path, *overrides):
+    return subprocess.run([sys.executable, "-m", "orpo_ds", "train", f"train.output_dir={tmp_path / 'run'}",
+                           *overrides], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"})
+
+
+def test_missing_model_folder_exits_2_without_a_traceback(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    proc = _train_cli(tmp_path, f"model.name_or_path={tmp_path / 'no-such-model'}", f"data.train={data}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.name_or_path" in proc.stderr and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_deepspeed_json_is_checked_before_the_data_is_read(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"bf16": true}')
+    proc = _train_cli(tmp_path, "model.name_or_path=some/model", f"data.train={tmp_path / 'absent.jsonl'}",
+                      f"deepspeed.config={bad}")
+    assert proc.returncode == 2 and "'bf16' must be a section" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_second_ctrl_c_stops_at_once_with_130():
+    code = ("import os, signal, time\n"
+            "from orpo_ds.preemption import PreemptionSignal\n"
+            "p = PreemptionSignal()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(0.2)\n"
+            "assert p._interrupt\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(5)\n"
+            "raise SystemExit('still running')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert "finishing this step" in proc.stderr and "stopping now" in proc.stderr
