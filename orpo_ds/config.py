@@ -56,6 +56,8 @@ class DataConfig:
     format: str = "auto"  # auto | standard | conversational | sharegpt
     max_length: int = 1024  # tokens per sequence (prompt + one response)
     truncation: str = "prompt_left"  # prompt_left | drop
+    # reject | escape | keep: rows whose text spells a control token (e.g. <|im_end|>); see orpo_ds.data
+    special_tokens_in_content: str = "reject"
     strict: bool = False  # any unusable row is fatal
     num_proc: int = 1  # tokenization workers
     cache_dir: str = ".cache/orpo_ds/tokenized"
@@ -68,6 +70,8 @@ class DataConfig:
         _require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
         _require(self.truncation in ("prompt_left", "drop"), "data.truncation",
                  f"{self.truncation!r} is not one of prompt_left, drop")
+        _require(self.special_tokens_in_content in ("reject", "escape", "keep"), "data.special_tokens_in_content",
+                 f"{self.special_tokens_in_content!r} is not one of reject, escape, keep")
         _require(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
 
 

@@ -45,16 +45,36 @@ exceeds ``max_length``; see :func:`truncate_pair`:
 ``truncation="drop"`` drops every over-long pair instead ("too long", or "prompt leaves no room" when the
 prompt alone fills ``max_length``).
 
+Special-token strings in the text (``special_tokens_in_content``): a prompt or response that contains
+the spelling of a control token (``"<|im_end|>"``, ``"<|im_start|>system"``, ...) would otherwise be
+tokenized to the control token itself, so a row could end a turn or open a system turn from inside its
+content. Control tokens are the tokenizer's special tokens, plus, with a chat template, the added tokens
+the template writes (or those in ``tokenizer.chat_control_tokens``, if set); whitespace tokens such as
+Gemma's ``"\\n"`` are ordinary text. Every string of a row (message contents and the other message
+fields the template may print) is checked:
+
+* ``"reject"`` (the default): the row is dropped as ``"special token in content: 'chosen' contains
+  '<|im_end|>'"``.
+* ``"escape"``: the strings are tokenized as plain text, the template's own control tokens stay tokens:
+  with a chat template through transformers' ``apply_chat_template(..., sanitize_control_tokens=True)``
+  (transformers >= 5.20; older versions raise :class:`DataError`), without one with
+  ``tokenizer(text, split_special_tokens=True)``. The text itself is not changed. Only where a template
+  renders the prompt differently once a response follows (see :func:`_chat_response_ids`) is a response
+  tokenized from rendered text, where its control-token spellings can no longer be told from the
+  template's: such a row is dropped under the same reason instead.
+* ``"keep"``: tokenized as written, control tokens included (the behaviour before this setting).
+
 Unusable rows never crash the pipeline: each one is counted in the :class:`DropReport` with its row index
 and a reason ``"<category>: <detail>"`` (categories: missing field, wrong type, undecodable text, invalid
-JSON, malformed row, malformed conversation, unknown role, empty prompt, empty response, chosen ==
-rejected, prompt leaves no room, too long, chat template error, tokenizer error). ``strict=True`` turns
-any of them into a :class:`DataError` naming the row.
+JSON, malformed row, malformed conversation, unknown role, empty prompt, empty response, special token in
+content, chosen == rejected, prompt leaves no room, too long, chat template error, tokenizer error).
+``strict=True`` turns any of them into a :class:`DataError` naming the row.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -70,16 +90,17 @@ from typing import Any
 from orpo_ds.packing import TokenizedPair
 
 __all__ = [
-    "FORMATS", "TRUNCATION_POLICIES", "CACHE_VERSION", "LOAD_ERROR_COLUMN", "DataError", "DropReport",
-    "load_records", "format_of", "tokenize_pairs", "truncate_pair",
+    "FORMATS", "TRUNCATION_POLICIES", "SPECIAL_TOKEN_POLICIES", "CACHE_VERSION", "LOAD_ERROR_COLUMN", "DataError",
+    "DropReport", "load_records", "format_of", "tokenize_pairs", "truncate_pair",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("standard", "conversational", "sharegpt")
 TRUNCATION_POLICIES = ("prompt_left", "drop")
+SPECIAL_TOKEN_POLICIES = ("reject", "escape", "keep")
 # Part of every cache key: bump it whenever a change here alters the tokens or drop reasons produced.
-CACHE_VERSION = "orpo_ds.data/1"
+CACHE_VERSION = "orpo_ds.data/2"
 # A row of a JSON/JSONL file that could not even be read (bad JSON, bad UTF-8, not an object) is kept as a
 # row holding only this column, so tokenize_pairs reports it under its own row index instead of crashing.
 LOAD_ERROR_COLUMN = "_orpo_load_error"
@@ -89,7 +110,9 @@ _REQUIRED = {"standard": ("prompt", "chosen", "rejected"), "conversational": ("p
 _CHAT_ROLES = {r: r for r in ("system", "user", "assistant", "tool", "developer", "function", "ipython")}
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
-_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq", ".csv", ".arrow")
+# A missing source ending in one of these is a mistyped local file: hub dataset names never end like this.
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq", ".csv", ".tsv", ".txt", ".arrow",
+                  ".gz", ".bz2", ".xz", ".zst", ".zip")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _SUMMARY_ROWS = 5
 
@@ -171,7 +194,20 @@ def load_records(source: str, split: str = "train"):
     JSON rows that cannot be read (bad JSON line, invalid UTF-8, lone surrogates, not an object) become
     rows holding only :data:`LOAD_ERROR_COLUMN`, which :func:`tokenize_pairs` reports with their index;
     columns whose types differ between rows are stored as ``datasets.Json`` so the rows can be judged
-    one by one. Raises :class:`DataError` for a missing path or an unsupported file.
+    one by one.
+
+    A ``source`` that is neither an existing file nor an existing folder is taken for a hub name only if
+    it looks like one: ``name`` or ``owner/name`` (letters, digits, ``-``, ``_``, ``.``; at most one
+    ``/``), not starting with ``.``, and not ending in a data-file or compression extension (``.jsonl``,
+    ``.json``, ``.parquet``, ``.pq``, ``.csv``, ``.tsv``, ``.txt``, ``.arrow``, ``.gz``, ``.bz2``,
+    ``.xz``, ``.zst``, ``.zip``). Anything else is a local path that does not exist and raises a
+    "not found" :class:`DataError` at once: ``data/pairs.jsonl``, ``./foo.json``, ``../x``,
+    ``/abs/path.parquet``, ``~/pairs``, ``a/b/c``, a Windows path. Only an extensionless ``owner/name``
+    (e.g. a mistyped saved-dataset folder ``data/pairs``) still goes to the hub: it cannot be told from a
+    hub name.
+
+    Raises :class:`DataError` for a missing path, an unsupported file type, and a file or saved dataset
+    that cannot be read (unreadable, corrupt or truncated), naming the file and the reason.
     """
     import datasets
 
@@ -185,7 +221,11 @@ def load_records(source: str, split: str = "train"):
         raise DataError(f"{source}: unsupported file type {suffix or '(none)'!r}; use .jsonl, .json or .parquet")
     if path.is_dir():
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():  # save_to_disk output
-            loaded = datasets.load_from_disk(str(path))
+            try:
+                loaded = datasets.load_from_disk(str(path))
+            except Exception as e:  # noqa: BLE001 - re-raised with the folder named
+                raise DataError(f"{source}: not a readable saved dataset (corrupt or incomplete "
+                                f"save_to_disk folder?): {type(e).__name__}: {e}") from e
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
                     raise DataError(f"{source}: saved DatasetDict has no split {split!r}; "
@@ -196,8 +236,8 @@ def load_records(source: str, split: str = "train"):
     if (_HUB_NAME.match(source) and source.count("/") <= 1
             and not source.lower().endswith(_DATA_SUFFIXES)):
         return _load_with_datasets(source, split)
-    raise DataError(f"{source}: no such file or directory (and not a hub dataset name like 'owner/name'); "
-                    "point data paths to a .jsonl/.json/.parquet file or a saved dataset folder")
+    raise DataError(f"{source}: not found: no such file or directory (and not a hub dataset name like "
+                    "'owner/name'); point data paths to a .jsonl/.json/.parquet file or a saved dataset folder")
 
 
 def _load_with_datasets(source: str, split: str):
@@ -216,13 +256,25 @@ def _content_fingerprint(kind: str, split: str, data: bytes) -> str:
     return h.hexdigest()[:32]
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file: {e.strerror or e}") from e
+
+
 def _load_parquet_file(path: Path):
     import pyarrow.parquet as pq
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-    data = path.read_bytes()
-    return Dataset(InMemoryTable(pq.read_table(path)), fingerprint=_content_fingerprint("parquet", "", data))
+    data = _read_bytes(path)
+    try:
+        table = pq.read_table(path)
+        return Dataset(InMemoryTable(table), fingerprint=_content_fingerprint("parquet", "", data))
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...: re-raised with the file named
+        raise DataError(f"{path}: not a readable parquet file (corrupt or truncated?): "
+                        f"{type(e).__name__}: {e}") from e
 
 
 def _check_row(obj: Any) -> dict | str:
@@ -256,15 +308,15 @@ def _surrogate_path(obj: Any, where: str) -> str:
 def _load_json_file(path: Path, split: str):
     from datasets import Dataset
 
-    data = path.read_bytes()
+    data = _read_bytes(path)
     rows: list[dict | str] = []  # a dict per good row, a load-error reason per unreadable one
     parsed = None
     if path.suffix.lower() == ".json":
         try:
             # surrogateescape: invalid UTF-8 bytes become lone surrogates that _check_row reports per row.
             parsed = json.loads(data.decode("utf-8", errors="surrogateescape"))
-        except json.JSONDecodeError:
-            parsed = None  # not one JSON document: read it as JSON lines below
+        except (ValueError, RecursionError):  # JSONDecodeError, or one of the limits below
+            parsed = None  # not one readable JSON document: read it as JSON lines below
         if isinstance(parsed, dict):
             lists = [v for v in parsed.values() if isinstance(v, list)]
             if isinstance(parsed.get(split), list):
@@ -291,6 +343,9 @@ def _load_json_file(path: Path, split: str):
                 rows.append(_check_row(json.loads(text)))
             except json.JSONDecodeError as e:
                 rows.append(f"invalid JSON: {e.msg} (line column {e.colno})")
+            except (ValueError, RecursionError) as e:  # valid syntax past Python's limits: an integer of more
+                # than 4300 digits, nesting deeper than the recursion limit
+                rows.append(f"invalid JSON: {type(e).__name__}: {e}")
     columns: dict[str, list] = {}
     for row in rows:  # union of the keys, in order of first appearance; a missing key reads as None
         for k in (row if isinstance(row, dict) else (LOAD_ERROR_COLUMN,)):
@@ -313,8 +368,25 @@ def _load_json_file(path: Path, split: str):
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{path}: a column holds values of different types ({type(e).__name__}: {e}); "
                             "upgrade datasets (>= 5 stores such columns as Json) or fix the rows") from e
+    except Exception as e:  # noqa: BLE001 - valid JSON that Arrow cannot hold fails the whole column
+        raise DataError(f"{path}: the records cannot be stored as a dataset: column(s) "
+                        f"{_unstorable_columns(columns)} hold values Arrow cannot represent (an integer beyond "
+                        f"64 bits, nesting too deep, ...): {type(e).__name__}: {e}; fix or remove those values") from e
     ds._fingerprint = _content_fingerprint("json", split, data)
     return ds
+
+
+def _unstorable_columns(columns: dict[str, list]) -> list[str]:
+    """The columns that ``Dataset.from_dict`` fails on one by one, to name them in the error."""
+    from datasets import Dataset
+
+    bad = []
+    for name, values in columns.items():
+        try:
+            Dataset.from_dict({name: values}, on_mixed_types="use_json")
+        except Exception:  # noqa: BLE001 - any failure marks the column
+            bad.append(name)
+    return bad
 
 
 # ------------------------------------------------------------------------------------------ detection
@@ -397,6 +469,43 @@ class _Ctx:
     bos_id: int | None
     max_length: int
     truncation: str
+    special_tokens: str  # one of SPECIAL_TOKEN_POLICIES
+    control_re: re.Pattern | None  # matches any control-token string; None when the tokenizer has none
+
+
+def _control_tokens(tokenizer, use_template: bool) -> tuple[str, ...]:
+    """The strings that tokenize to a control token, sorted: the tokenizer's special tokens, plus, with a chat
+    template, the added tokens listed in ``tokenizer.chat_control_tokens`` or else those the template text
+    contains. Close to transformers' rule for ``sanitize_control_tokens``, so ``escape`` sanitizes what
+    ``reject`` looks for. Whitespace tokens (Gemma's ``"\\n"``) are how such tokenizers write ordinary text,
+    never control tokens."""
+    added = list(getattr(tokenizer, "added_tokens_decoder", {}).values())
+    tokens = {t.content for t in added if t.special} | set(getattr(tokenizer, "all_special_tokens", ()))
+    if use_template:
+        listed = getattr(tokenizer, "chat_control_tokens", None)
+        template = tokenizer.chat_template
+        template = "\0".join(template.values()) if isinstance(template, dict) else str(template)
+        tokens |= {t.content for t in added
+                   if (t.content in listed if listed is not None else t.content in template)}
+    return tuple(sorted(t for t in tokens if t and not t.isspace()))
+
+
+def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern | None:
+    # Longest first: "<|im_start|>system" style tokens win over a shorter token they contain.
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True)))) if tokens else None
+
+
+def _find_control(value: Any, control_re: re.Pattern) -> str | None:
+    """The first control-token string in ``value``: a string, or messages whose string values (at any depth;
+    the template may print any of them) are searched in order."""
+    if isinstance(value, str):
+        found = control_re.search(value)
+        return found.group(0) if found else None
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        found = _find_control(item, control_re)
+        if found is not None:
+            return found
+    return None
 
 
 def _type_name(value: Any) -> str:
@@ -501,10 +610,13 @@ def _ids(out: Any) -> list[int]:
     return [int(t) for t in out]
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool, tokenize: bool):
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, tokenize: bool, escape: bool = False):
+    # escape: control-token strings inside the messages are encoded as text (only with tokenize=True); the
+    # argument is passed only when set, so keep/reject also work with transformers < 5.20.
+    extra = {"sanitize_control_tokens": True} if escape else {}
     try:
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                            tokenize=tokenize, return_dict=False)
+                                            tokenize=tokenize, return_dict=False, **extra)
     except Exception as e:  # noqa: BLE001 - jinja raise_exception(...) etc.: a property of this row
         raise _Drop(f"chat template error: {type(e).__name__}: {e}") from None
     return _ids(out) if tokenize else out
@@ -518,9 +630,11 @@ def _end_at_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids + [eos_id]
 
 
-def _chat_response_ids(ctx: _Ctx, prompt: list[dict], prompt_ids: list[int], response: list[dict]) -> list[int]:
+def _chat_response_ids(ctx: _Ctx, prompt: list[dict], prompt_ids: list[int], response: list[dict],
+                       name: str) -> list[int]:
     tok = ctx.tokenizer
-    full = _render(tok, prompt + response, False, True)
+    escape = ctx.special_tokens == "escape"
+    full = _render(tok, prompt + response, False, True, escape)
     if full[: len(prompt_ids)] == prompt_ids:
         ids = full[len(prompt_ids):]
     else:
@@ -529,6 +643,12 @@ def _chat_response_ids(ctx: _Ctx, prompt: list[dict], prompt_ids: list[int], res
         # prompt differs from the rendered assistant header), or the tokenizer merges across the
         # boundary. Fall back to tokenizing the response text on its own: what the full rendering adds
         # after the prompt rendering, or, when even the texts disagree, the bare response contents.
+        # In rendered text a control-token string from the content cannot be told from the template's own
+        # tokens any more, so escape cannot be kept here: such a response is dropped instead.
+        found = _find_control(response, ctx.control_re) if escape and ctx.control_re is not None else None
+        if found is not None:
+            raise _Drop(f"special token in content: {name!r} contains {found!r}, which cannot be escaped with "
+                        "this chat template (it renders the prompt differently once a response follows)")
         prompt_text = _render(tok, prompt, True, False)
         full_text = _render(tok, prompt + response, False, False)
         if full_text.startswith(prompt_text):
@@ -542,19 +662,30 @@ def _chat_response_ids(ctx: _Ctx, prompt: list[dict], prompt_ids: list[int], res
 def _tokenize_row(row: Mapping, ctx: _Ctx) -> tuple[list[int], list[int], list[int]]:
     """One record -> ``(prompt_ids, chosen_ids, rejected_ids)`` within ``max_length``, or raises _Drop."""
     prompt, chosen, rejected = _parse(row, ctx.fmt)
+    if ctx.special_tokens == "reject" and ctx.control_re is not None:
+        for name, value in (("conversations" if ctx.fmt == "sharegpt" else "prompt", prompt), ("chosen", chosen),
+                            ("rejected", rejected)):
+            found = _find_control(value, ctx.control_re)
+            if found is not None:
+                raise _Drop(f"special token in content: {name!r} contains {found!r}")
     tok = ctx.tokenizer
+    escape = ctx.special_tokens == "escape"
     if ctx.fmt == "standard" and ctx.use_template:
         prompt = [{"role": "user", "content": prompt}]
         chosen = [{"role": "assistant", "content": chosen}]
         rejected = [{"role": "assistant", "content": rejected}]
     if isinstance(prompt, list):
-        prompt_ids = _render(tok, prompt, True, True)
-        responses = [_chat_response_ids(ctx, prompt, prompt_ids, r) for r in (chosen, rejected)]
+        prompt_ids = _render(tok, prompt, True, True, escape)
+        responses = [_chat_response_ids(ctx, prompt, prompt_ids, r, name)
+                     for name, r in (("chosen", chosen), ("rejected", rejected))]
     else:
-        prompt_ids = _ids(tok(prompt)["input_ids"])
-        if prompt_ids and prompt_ids[-1] == ctx.eos_id and not prompt.endswith(str(tok.eos_token)):
+        # escape: special-token strings are split into ordinary tokens; the BOS/EOS the tokenizer adds stay.
+        split = {"split_special_tokens": True} if escape else {}
+        prompt_ids = _ids(tok(prompt, **split)["input_ids"])
+        if prompt_ids and prompt_ids[-1] == ctx.eos_id and (escape or not prompt.endswith(str(tok.eos_token))):
             prompt_ids.pop()  # a tokenizer that appends EOS to every text: EOS must not end the prompt
-        responses = [_ids(tok(r, add_special_tokens=False)["input_ids"]) + [ctx.eos_id] for r in (chosen, rejected)]
+        responses = [_ids(tok(r, add_special_tokens=False, **split)["input_ids"]) + [ctx.eos_id]
+                     for r in (chosen, rejected)]
     for name, ids in zip(("chosen", "rejected"), responses):
         if len(ids) <= 1:  # EOS alone: the text rendered to nothing
             raise _Drop(f"empty response: {name!r} has no tokens")
@@ -663,7 +794,7 @@ def _run_map(dataset, ctx: _Ctx, num_proc: int, progress: bool, fingerprint: str
 # --------------------------------------------------------------------------------------------- cache
 
 
-def _tokenizer_identity(tokenizer) -> dict[str, Any]:
+def tokenizer_identity(tokenizer) -> dict[str, Any]:
     """What decides the ids a tokenizer gives: its full serialized state, vocab and chat template."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -680,13 +811,15 @@ def _tokenizer_identity(tokenizer) -> dict[str, Any]:
             "specials": specials, "state_sha256": h.hexdigest()}
 
 
-def _cache_inputs(dataset, tokenizer, *, max_length: int, truncation: str, fmt: str) -> dict[str, Any] | None:
+def _cache_inputs(dataset, tokenizer, *, max_length: int, truncation: str, fmt: str, special_tokens: str,
+                  control_tokens: tuple[str, ...]) -> dict[str, Any] | None:
     fingerprint = getattr(dataset, "_fingerprint", None)
     if not fingerprint:
         return None
+    # control_tokens too: tokenizer.chat_control_tokens changes them without changing the tokenizer's state.
     return {"version": CACHE_VERSION, "dataset": fingerprint, "num_rows": len(dataset),
-            "tokenizer": _tokenizer_identity(tokenizer), "max_length": max_length, "truncation": truncation,
-            "fmt": fmt}
+            "tokenizer": tokenizer_identity(tokenizer), "max_length": max_length, "truncation": truncation,
+            "fmt": fmt, "special_tokens_in_content": special_tokens, "control_tokens": list(control_tokens)}
 
 
 def _cache_key(inputs: Mapping[str, Any]) -> str:
@@ -756,7 +889,8 @@ def _save_cache(path: Path, key: str, inputs: Mapping[str, Any], pairs: list[Tok
 
 
 def tokenize_pairs(dataset, tokenizer, *, max_length: int, fmt: str = "auto", truncation: str = "prompt_left",
-                   num_proc: int = 1, cache_dir: str | os.PathLike | None = None, strict: bool = False,
+                   special_tokens_in_content: str = "reject", num_proc: int = 1,
+                   cache_dir: str | os.PathLike | None = None, strict: bool = False,
                    progress: bool = True) -> tuple[list[TokenizedPair], DropReport]:
     """Tokenize every row of ``dataset`` into a :class:`TokenizedPair` (``pair_id`` = row index).
 
@@ -766,11 +900,15 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, fmt: str = "auto", tr
         max_length: token budget of EACH sequence (prompt + one response), >= 2.
         fmt: ``"auto"`` (:func:`format_of`), ``"standard"``, ``"conversational"`` or ``"sharegpt"``.
         truncation: ``"prompt_left"`` or ``"drop"`` (module docstring; :func:`truncate_pair`).
+        special_tokens_in_content: what to do with a row whose strings contain a control token's spelling
+            (``"<|im_end|>"``): ``"reject"`` drops it ("special token in content"), ``"escape"`` tokenizes
+            those strings as plain text, ``"keep"`` lets them become control tokens (module docstring).
         num_proc: ``datasets.map`` workers; the result does not depend on it.
         cache_dir: if set, results live in ``cache_dir/<key>``, the key hashing the dataset fingerprint
             (file content hash for :func:`load_records` files), the tokenizer's identity (name, size,
             full serialized state incl. vocab, chat template), ``max_length``, ``truncation``, the
-            resolved format and :data:`CACHE_VERSION`. A hit skips tokenization entirely.
+            resolved format, ``special_tokens_in_content`` with the control tokens it looks for, and
+            :data:`CACHE_VERSION`. A hit skips tokenization entirely.
         strict: raise :class:`DataError` (naming the first bad row) if any row is unusable.
         progress: show the ``datasets`` progress bar.
 
@@ -779,12 +917,16 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, fmt: str = "auto", tr
 
     Raises:
         DataError: bad arguments, undetectable format, a tokenizer without EOS (or without chat template
-            for a chat format), or any bad row when ``strict``. Bad rows are otherwise only reported.
+            for a chat format, or, for ``escape`` with a chat template, a transformers without
+            ``sanitize_control_tokens``), or any bad row when ``strict``. Bad rows are otherwise only reported.
     """
     if not isinstance(max_length, int) or max_length < 2:
         raise DataError(f"max_length must be an int >= 2, got {max_length!r}")
     if truncation not in TRUNCATION_POLICIES:
         raise DataError(f"truncation={truncation!r}; expected one of {', '.join(TRUNCATION_POLICIES)}")
+    if special_tokens_in_content not in SPECIAL_TOKEN_POLICIES:
+        raise DataError(f"special_tokens_in_content={special_tokens_in_content!r}; expected one of "
+                        f"{', '.join(SPECIAL_TOKEN_POLICIES)}")
     if num_proc < 1:
         raise DataError(f"num_proc must be >= 1, got {num_proc}")
     if fmt == "auto":
@@ -803,9 +945,17 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, fmt: str = "auto", tr
     if fmt != "standard" and not use_template:
         raise DataError(f"{fmt} records need a tokenizer with a chat template; "
                         f"{getattr(tokenizer, 'name_or_path', '')!r} has none")
-    ctx = _Ctx(tokenizer, fmt, use_template, int(eos_id), tokenizer.bos_token_id, max_length, truncation)
+    if (special_tokens_in_content == "escape" and use_template
+            and "sanitize_control_tokens" not in inspect.signature(tokenizer.apply_chat_template).parameters):
+        raise DataError("special_tokens_in_content='escape' with a chat template needs transformers >= 5.20 "
+                        "(apply_chat_template(..., sanitize_control_tokens=True)); upgrade transformers, or "
+                        "use 'reject' to drop such rows")
+    control = _control_tokens(tokenizer, use_template)
+    ctx = _Ctx(tokenizer, fmt, use_template, int(eos_id), tokenizer.bos_token_id, max_length, truncation,
+               special_tokens_in_content, _control_pattern(control))
 
-    inputs = _cache_inputs(dataset, tokenizer, max_length=max_length, truncation=truncation, fmt=fmt)
+    inputs = _cache_inputs(dataset, tokenizer, max_length=max_length, truncation=truncation, fmt=fmt,
+                           special_tokens=special_tokens_in_content, control_tokens=control)
     key = _cache_key(inputs) if inputs is not None else uuid.uuid4().hex
     cached = None
     if cache_dir is not None and inputs is not None:
