@@ -158,6 +158,8 @@ def build_ds_config(ds_json: dict[str, Any], cfg: Config, world_size: int, dtype
             raise ConfigError(f"deepspeed.config sets {section}.enabled={have} but train.precision resolves to "
                               f"{'bf16' if bf16 else 'fp32'}; remove it or set train.precision accordingly")
         ds.setdefault(section, {})["enabled"] = enabled
+    if bf16:  # ZeRO-1/2 in bf16 apply a non-finite gradient unless told to check (the non-finite guard)
+        ds["bf16"].setdefault("check_grad_overflow", True)
     if cfg.train.optimizer == "sgd":
         ds["zero_allow_untested_optimizer"] = True
     return ds
@@ -264,12 +266,33 @@ class Engine:
         """DeepSpeed scales by 1/gradient_accumulation_steps and averages gradients over ranks."""
         self.engine.backward(loss)
 
-    def step(self) -> None:
-        if self._measure_grad_norm:
+    def step(self) -> bool:
+        """Call after each micro-batch's backward; the update happens at the step's last micro-batch.
+
+        Returns whether that update was applied. A non-finite global gradient norm keeps the update out
+        (the non-finite guard): DeepSpeed's ZeRO-1/2/3 and bf16 optimizers skip such a step and clear its
+        gradients themselves (bf16 ZeRO-1/2 once :func:`build_ds_config` turns ``check_grad_overflow``
+        on); fp32 ZeRO-0 runs a plain torch optimizer, so here its gradients are zeroed and its learning
+        rate set to 0 for that step.
+        """
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        dropped = False
+        if self._measure_grad_norm and boundary:
             # After backward ZeRO-0 holds the rank-averaged gradients, the ones clipping sees.
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            self._measured_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+            self._measured_grad_norm = float(norm)
+            if not math.isfinite(self._measured_grad_norm):
+                # Zeroed gradients and a learning rate of 0 leave the weights as they are (the schedule sets
+                # the next step's rate afresh); Adam's moments decay once. Gradients set to None instead
+                # would crash DeepSpeed's clipping, which indexes the first parameter with a gradient.
+                for p in params:
+                    p.grad.zero_()
+                for group in self.engine.optimizer.param_groups:
+                    group["lr"] = 0.0
+                dropped = True
         self.engine.step()
+        return boundary and not dropped and self.engine.was_step_applied()
 
     def train(self) -> None:
         self.engine.train()
@@ -286,12 +309,6 @@ class Engine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
-
-    def freeze_next_update(self) -> None:
-        """Make the coming optimizer step leave the weights unchanged (lr 0). The schedule sets the next
-        step's lr afresh, so only this update is skipped; Adam's moments still decay once."""
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = 0.0
 
     def release_gathered(self) -> None:
         """Re-partition parameters that ZeRO-3 left gathered or in flight: a forward pass without a
@@ -337,12 +354,34 @@ def consolidate_zero_checkpoint(ds_dir: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
 
 
+def comm_device() -> torch.device:
+    """Where this rank's collectives run: the accelerator's current device. NCCL has no backend for CPU
+    tensors, so a collective on a CPU tensor fails on the first multi-GPU step."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over ranks (a no-op for a world of one). Returns a new tensor."""
-    out = values.clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Sum a small tensor over ranks, on :func:`comm_device`; returns a new tensor there.
+
+    Whenever a process group exists the sum goes through it, a world of one included, so that a one-GPU
+    check exercises the same backend and device placement as a cluster run.
+    """
+    out = values.detach().to(comm_device(), copy=True)
+    if dist.is_initialized():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def host_values(values: torch.Tensor) -> list[float]:
+    """One device-to-host read of a small tensor (a host synchronisation on an accelerator)."""
+    return values.tolist()
+
+
+def reduce_to_host(values: torch.Tensor) -> list[float]:
+    """:func:`all_reduce_sum`, then one host read: the numbers every rank agrees on."""
+    return host_values(all_reduce_sum(values))
 
 
 def barrier() -> None:

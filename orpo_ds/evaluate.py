@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from orpo_ds.batch import dummy_micro_batch, micro_batch_loss, prepare_micro_batch
-from orpo_ds.engine import all_reduce_sum
+from orpo_ds.engine import reduce_to_host
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.packing import DEFAULT_LAYOUT, TokenizedPair, build_row, pack_pairs, plan_steps
 
@@ -29,7 +29,7 @@ def evaluate_pairs(forward: Callable[..., torch.Tensor], pairs: list[TokenizedPa
     gathers parameters collectively); the sums are all-reduced."""
     lengths = [DEFAULT_LAYOUT.num_tokens(p) for p in pairs]
     bins = pack_pairs(lengths, micro_batch_tokens, seed=0, epoch=0)
-    totals = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+    totals = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=device)  # summed on the device: no host sync
     for step in plan_steps([sum(lengths[i] for i in b) for b in bins], world_size, 1):
         (slot,) = step[rank]
         if slot is None:
@@ -40,9 +40,8 @@ def evaluate_pairs(forward: Callable[..., torch.Tensor], pairs: list[TokenizedPa
         _, stats = micro_batch_loss(forward(**mb.model_inputs()), mb, beta=beta, global_nll_tokens=1,
                                     global_pairs=1)
         if stats:
-            totals += torch.tensor([float(stats[k]) for k in STAT_KEYS], dtype=torch.float64)
-    totals = all_reduce_sum(totals)
-    return orpo_metrics(dict(zip(STAT_KEYS, totals.tolist())), beta)
+            totals += torch.stack([stats[k] for k in STAT_KEYS]).double()
+    return orpo_metrics(dict(zip(STAT_KEYS, reduce_to_host(totals))), beta)
 
 
 def evaluate_model_dir(model_dir: str, data: str, *, max_length: int = 1024, micro_batch_tokens: int = 8192,

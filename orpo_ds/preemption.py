@@ -51,7 +51,7 @@ class PreemptionSignal:
     def requested(self) -> int | None:
         """The exit code to stop with after this step (the same on every rank), or None to go on.
         A SIGTERM/SIGUSR1 on any rank wins over a Ctrl-C: it is the scheduler asking for a requeue."""
-        terminate, interrupt = eng_lib.all_reduce_sum(torch.tensor([float(self._terminate), float(self._interrupt)])).tolist()
+        terminate, interrupt = eng_lib.reduce_to_host(torch.tensor([float(self._terminate), float(self._interrupt)]))
         if terminate:
             return EXIT_PREEMPTED
         return EXIT_INTERRUPTED if interrupt else None

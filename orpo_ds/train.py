@@ -82,47 +82,46 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss."""
 
 
-def run_micro_batches(engine, mbs: list[MicroBatch], cfg: Config, world_size: int,
-                      pad_token_id: int = 0) -> dict[str, float]:
+def run_micro_batches(engine, mbs: list[MicroBatch], cfg: Config, world_size: int) -> dict[str, float]:
     """Forward, backward and step over this rank's micro-batches of one optimizer step.
 
-    Returns the step's stats summed over all ranks, plus ``tokens``, ``skipped`` (1.0 when a non-finite
-    loss on any rank made the step skip its update) and this rank's ``nonfinite_pair_ids``.
+    The host reads twice per step, never per micro-batch: the global pair and NLL-token counts before
+    the first forward (the loss divides by them), and the step's stats, stacked on the device and
+    reduced once, after the update. A non-finite loss therefore does not stop the step: its gradients
+    are kept out of the update by the engine's guard (:meth:`Engine.step` returns False).
+
+    Returns the step's stats summed over all ranks, plus ``tokens``, ``nonfinite_losses`` (micro-batches
+    whose loss was not finite, all ranks), ``skipped`` (1.0 when the update was not applied, the same on
+    every rank) and this rank's ``nonfinite_pair_ids``.
     """
-    local = torch.tensor([sum(mb.num_pairs for mb in mbs), sum(mb.num_nll_tokens for mb in mbs)], dtype=torch.float64)
-    global_pairs, global_nll_tokens = (int(v) for v in eng_lib.all_reduce_sum(local))
+    counts = torch.tensor([sum(mb.num_pairs for mb in mbs), sum(mb.num_nll_tokens for mb in mbs)], dtype=torch.float64)
+    global_pairs, global_nll_tokens = (max(int(v), 1) for v in eng_lib.reduce_to_host(counts))
     # DeepSpeed divides each backward by grad_accum and averages gradients over ranks; undo both so the
     # step's gradient is exactly the gradient of the globally normalised loss.
     backward_scale = world_size * cfg.train.grad_accum
-    sums = torch.zeros(len(STAT_KEYS) + 1, dtype=torch.float64)
-    skipped, bad_pairs = False, []
-    for index, mb in enumerate(mbs):
-        if skipped:  # the update is lost anyway: keep the collectives going with the cheapest pass
-            mb = dummy_micro_batch(pad_token_id, mb.input_ids.device)
+    device = mbs[0].input_ids.device
+    sums = torch.zeros(len(STAT_KEYS) + 2, dtype=torch.float64, device=device)  # stats, tokens, non-finite
+    finite_flags, applied = [], False
+    for mb in mbs:
         token_logps = engine(**mb.model_inputs())
-        loss, stats = micro_batch_loss(token_logps, mb, beta=cfg.loss.beta, global_pairs=max(global_pairs, 1),
-                                       global_nll_tokens=max(global_nll_tokens, 1))
-        finite = bool(torch.isfinite(loss))
-        if eng_lib.all_reduce_sum(torch.tensor([float(not finite)])).item() > 0:
-            # Backpropagating through non-finite activations poisons weight gradients even when the
-            # loss is multiplied by zero, so this micro-batch is redone as a dummy.
-            skipped = True
-            if not finite:
-                bad_pairs += mb.pair_ids.tolist()
-            mb = dummy_micro_batch(pad_token_id, mb.input_ids.device)
-            loss, stats = micro_batch_loss(engine(**mb.model_inputs()), mb, beta=0.0, global_pairs=1,
-                                           global_nll_tokens=1)
-        if skipped and index == len(mbs) - 1:
-            engine.freeze_next_update()
+        loss, stats = micro_batch_loss(token_logps, mb, beta=cfg.loss.beta, global_pairs=global_pairs,
+                                       global_nll_tokens=global_nll_tokens)
+        finite = torch.isfinite(loss.detach())
+        finite_flags.append(finite)
         engine.backward(loss * backward_scale)
-        engine.step()
+        applied = engine.step()
         if stats:
-            sums[:-1] += torch.tensor([float(stats[k]) for k in STAT_KEYS], dtype=torch.float64)
-        sums[-1] += mb.num_tokens
-    sums = eng_lib.all_reduce_sum(sums)
-    out = dict(zip(STAT_KEYS, sums[:-1].tolist()))
-    out["tokens"] = sums[-1].item()
-    out["skipped"] = float(skipped)  # the same on every rank: the flag was all-reduced
+            sums[: len(STAT_KEYS)] += torch.stack([stats[k] for k in STAT_KEYS]).double()
+        sums[-2] += mb.num_tokens
+        sums[-1] += (~finite).double()
+    totals = eng_lib.reduce_to_host(sums)
+    out = dict(zip(STAT_KEYS, totals[: len(STAT_KEYS)]))
+    out["tokens"], out["nonfinite_losses"] = totals[-2], totals[-1]
+    out["skipped"] = float(not applied)
+    bad_pairs = []
+    if out["nonfinite_losses"]:  # rare: a host read per micro-batch only to name the pairs
+        bad_pairs = [i for mb, ok in zip(mbs, eng_lib.host_values(torch.stack(finite_flags))) if not ok
+                     for i in mb.pair_ids.tolist()]
     out["nonfinite_pair_ids"] = bad_pairs
     return out
 
@@ -141,8 +140,8 @@ def evaluate(engine, pairs: list[TokenizedPair], cfg: Config, info, pad_token_id
 def raise_if_any_rank_failed(error: Exception | None, elsewhere: Exception) -> None:
     """Collective: re-raise ``error`` on the rank that hit it and ``elsewhere`` on every other rank, so a
     failure on one rank ends the job with its message instead of leaving the others blocked."""
-    failed = eng_lib.all_reduce_sum(torch.tensor([float(error is not None)]))
-    if failed.item():
+    (failed,) = eng_lib.reduce_to_host(torch.tensor([float(error is not None)]))
+    if failed:
         raise error or elsewhere
 
 
@@ -182,6 +181,7 @@ def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]
                 records = load_records(source)
                 pairs, report = tokenize_pairs(records, tokenizer, max_length=d.max_length, fmt=d.format,
                                                truncation=d.truncation, num_proc=d.num_proc,
+                                               special_tokens_in_content=d.special_tokens_in_content,
                                                cache_dir=d.cache_dir, strict=d.strict, progress=info.is_main)
                 if info.is_main:
                     print(f"[data] {source}: {report.summary()}", flush=True)
@@ -274,7 +274,7 @@ def run_training(cfg: Config) -> dict[str, float]:
         start = time.perf_counter()
         lr = engine.lr  # the rate this step's update uses; the schedule advances inside the step
         mbs = micro_batches_for(plan, info.rank, train_pairs, cfg.loss.nll_on_prompt, pad_id, info.device)
-        stats = run_micro_batches(engine, mbs, cfg, info.world_size, pad_token_id=pad_id)
+        stats = run_micro_batches(engine, mbs, cfg, info.world_size)
         seconds = time.perf_counter() - start
         total_tokens += stats["tokens"]
         real_rows = sum(row is not None for rank_rows in plan.rows for row in rank_rows)
@@ -283,15 +283,17 @@ def run_training(cfg: Config) -> dict[str, float]:
                   "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / seconds,
                   "packing_efficiency": stats["tokens"] / (real_rows * cfg.train.micro_batch_tokens),
                   "step_s": seconds}
-        nonfinite_streak = nonfinite_streak + 1 if stats["skipped"] else 0
-        if stats["skipped"]:
-            record.update(skipped=True, nonfinite_pair_ids=stats["nonfinite_pair_ids"])
+        troubled = bool(stats["skipped"] or stats["nonfinite_losses"])
+        nonfinite_streak = nonfinite_streak + 1 if troubled else 0
+        if troubled:
+            record.update(skipped=bool(stats["skipped"]), nonfinite_pair_ids=stats["nonfinite_pair_ids"])
             if stats["nonfinite_pair_ids"]:
-                print(f"[rank {info.rank}] step {step_index}: non-finite loss, update skipped; pair ids "
+                outcome = "update skipped" if stats["skipped"] else "its gradients were finite: update applied"
+                print(f"[rank {info.rank}] step {step_index}: non-finite loss, {outcome}; pair ids "
                       f"{stats['nonfinite_pair_ids']}", file=sys.stderr, flush=True)
         if eval_pairs and cfg.train.eval_steps and step_index % cfg.train.eval_steps == 0 and step_index < len(steps):
             record.update(evaluate(engine, eval_pairs, cfg, info, pad_id))
-        if step_index % cfg.train.log_steps == 0 or step_index == len(steps) or stats["skipped"]:
+        if step_index % cfg.train.log_steps == 0 or step_index == len(steps) or troubled:
             log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

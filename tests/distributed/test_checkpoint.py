@@ -139,7 +139,10 @@ def test_export_from_checkpoint_matches_the_trained_model(reference_run, tmp_pat
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
 
 
-def test_non_finite_batch_is_skipped_logged_and_training_goes_on(tiny_model, synthetic_data, tmp_path):
+@pytest.mark.parametrize("ds_config", ["zero3", "zero0"])
+def test_non_finite_batch_is_skipped_logged_and_training_goes_on(tiny_model, synthetic_data, tmp_path, ds_config):
+    """DeepSpeed's ZeRO-3 skips a non-finite gradient itself; fp32 ZeRO-0 is a plain torch optimizer, which
+    the engine's guard keeps the gradients from."""
     # A model whose embedding of "~" is NaN: any sequence containing "~" gives a NaN loss.
     poisoned = tmp_path / "poisoned-model"
     poisoned.mkdir()
@@ -154,7 +157,8 @@ def test_non_finite_batch_is_skipped_logged_and_training_goes_on(tiny_model, syn
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     out = tmp_path / "run"
-    proc = launch(["train", *base_overrides(poisoned, {"train": data}, out, **{"train.max_steps": 0})], ranks=2)
+    extra = {"train.max_steps": 0} if ds_config == "zero3" else {"train.max_steps": 0, "deepspeed.config": REPO / "ds_configs" / "zero0.json"}
+    proc = launch(["train", *base_overrides(poisoned, {"train": data}, out, **extra)], ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _train_records(out)
     skipped = [m for m in records.values() if m.get("skipped")]

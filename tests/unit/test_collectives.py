@@ -1,0 +1,101 @@
+"""Every collective of the loop runs on the rank's device (issue 11).
+
+On CUDA the process group is NCCL-only: a collective on a CPU tensor fails with "No backend type
+associated with device type cpu" on the first multi-GPU step, and a one-GPU run hides it when the code
+skips collectives for a world of one. Here the rank's device is ``meta`` and the collective rejects
+any tensor that is not there, so a CPU-made tensor handed to it fails on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from orpo_ds import engine as eng_lib
+from orpo_ds.batch import prepare_micro_batch
+from orpo_ds.config import load_config
+from orpo_ds.evaluate import evaluate_pairs
+from orpo_ds.model import PolicyWithChunkedHead
+from orpo_ds.packing import TokenizedPair, build_row
+from orpo_ds.preemption import PreemptionSignal
+from orpo_ds.train import raise_if_any_rank_failed, run_micro_batches
+
+V = 53
+META = torch.device("meta")
+
+
+def _pairs(n):
+    rng = random.Random(0)
+    ids = lambda lo, hi: tuple(rng.randrange(3, V) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    return [TokenizedPair(i, ids(2, 6), ids(1, 5) + (2,), ids(1, 5) + (2,)) for i in range(n)]
+
+
+class _PlainEngine:
+    """The engine facade's surface over a plain module: enough to drive the loop without DeepSpeed."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def on_meta_rank(monkeypatch):
+    """A process group whose collective accepts only tensors on the rank's device, ``meta``."""
+    calls = []
+
+    def all_reduce(tensor, op=None, group=None, async_op=False):
+        if tensor.device != META:
+            raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+        calls.append(tuple(tensor.shape))
+
+    monkeypatch.setattr(eng_lib, "comm_device", lambda: META)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    # A meta tensor holds no numbers; the host read returns zeros of its shape, which the loop accepts.
+    monkeypatch.setattr(eng_lib, "host_values", lambda t: [0.0] * t.numel(), raising=False)
+    return calls
+
+
+def test_the_loops_collectives_only_see_tensors_on_the_ranks_device(on_meta_rank):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa"))
+    policy = PolicyWithChunkedHead(model)
+    pairs = _pairs(6)
+    mbs = [prepare_micro_batch(build_row(pairs[:3]), nll_on_prompt=False),
+           prepare_micro_batch(build_row(pairs[3:]), nll_on_prompt=False)]
+    cfg = load_config(None, ["model.name_or_path=m", "data.train=t.jsonl", "train.grad_accum=2"])
+
+    stats = run_micro_batches(_PlainEngine(policy), mbs, cfg, world_size=2)
+    assert on_meta_rank == [(2,), (10,)]  # the step's counts before the forward, its stats once after
+    assert stats["skipped"] == 0.0 and stats["nonfinite_pair_ids"] == []
+
+    raise_if_any_rank_failed(None, RuntimeError("unused"))  # the data-loading failure flag
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        assert PreemptionSignal().requested() is None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    evaluate_pairs(policy, pairs, micro_batch_tokens=64, beta=0.1, nll_on_prompt=False, pad_token_id=0)
+    assert len(on_meta_rank) == 5  # + failure flag, preemption flags, eval totals: one collective each
+
+
+def test_a_world_of_one_still_goes_through_the_process_group(on_meta_rank, monkeypatch):
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    eng_lib.reduce_to_host(torch.ones(3))
+    assert on_meta_rank == [(3,)]
