@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from orpo_ds.logps import sequence_mean_logps
@@ -31,6 +32,10 @@ class MicroBatch:
     chosen_seq: torch.Tensor  # [P] sequence index of each pair's chosen response
     rejected_seq: torch.Tensor  # [P] sequence index of each pair's rejected response
     pair_ids: torch.Tensor  # [P] dataset pair ids (for logs)
+    # [S + 1] int32 sequence starts and T, from the packer's lengths: flash-attn varlen's boundaries, given
+    # explicitly so no layer has to derive them from position_ids (a host sync per layer)
+    cu_seqlens: torch.Tensor
+    max_seqlen: int  # longest sequence of the row
     num_sequences: int
     num_tokens: int
     is_dummy: bool = False
@@ -43,9 +48,9 @@ class MicroBatch:
     def num_nll_tokens(self) -> int:
         return int(self.head_is_nll.sum())
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
+    def model_inputs(self) -> dict[str, torch.Tensor | int]:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "labels": self.labels,
-                "head_mask": self.head_mask}
+                "head_mask": self.head_mask, "cu_seqlens": self.cu_seqlens, "max_seqlen": self.max_seqlen}
 
 
 def prepare_micro_batch(row: PackedRow, *, nll_on_prompt: bool, device: torch.device | str = "cpu") -> MicroBatch:
@@ -76,7 +81,8 @@ def prepare_micro_batch(row: PackedRow, *, nll_on_prompt: bool, device: torch.de
         input_ids=t["input_ids"], position_ids=t["position_ids"], labels=labels, head_mask=head_mask,
         head_seq_id=seq_id[head_mask], head_is_response=response[head_mask], head_is_nll=nll_token[head_mask],
         chosen_seq=chosen_seq, rejected_seq=rejected_seq, pair_ids=pair_ids,
-        num_sequences=int(pair_index.numel()), num_tokens=int(labels.numel()))
+        cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(row.seq_lengths)]), dtype=torch.int32, device=device),
+        max_seqlen=int(row.seq_lengths.max()), num_sequences=int(pair_index.numel()), num_tokens=int(labels.numel()))
 
 
 def dummy_micro_batch(pad_token_id: int, device: torch.device | str = "cpu") -> MicroBatch:
@@ -92,7 +98,9 @@ def dummy_micro_batch(pad_token_id: int, device: torch.device | str = "cpu") -> 
         position_ids=torch.zeros((1, 1), dtype=torch.long, device=device),
         labels=torch.full((1,), pad_token_id, dtype=torch.long, device=device), head_mask=one,
         head_seq_id=torch.zeros(1, dtype=torch.long, device=device), head_is_response=~one, head_is_nll=~one,
-        chosen_seq=empty, rejected_seq=empty, pair_ids=empty, num_sequences=1, num_tokens=0, is_dummy=True)
+        chosen_seq=empty, rejected_seq=empty, pair_ids=empty,
+        cu_seqlens=torch.tensor([0, 1], dtype=torch.int32, device=device), max_seqlen=1, num_sequences=1,
+        num_tokens=0, is_dummy=True)
 
 
 def micro_batch_loss(token_logps: torch.Tensor, mb: MicroBatch, *, beta: float, global_nll_tokens: int,

@@ -112,6 +112,7 @@ class TrainConfig:
     resume: str = field(default="auto", metadata={"bool_as": {True: "auto", False: "false"}})
     overwrite: bool = False  # with resume=false: delete an earlier run's checkpoints and metrics in output_dir
     max_nonfinite_steps: int = 3  # stop after this many consecutive steps skipped for a non-finite loss
+    peak_tflops: float | None = None  # per-device peak for the mfu metric; None: the bf16 table of known GPUs
 
     def __post_init__(self):
         _require(bool(self.output_dir.strip()), "train.output_dir", "is empty; name a folder for this run, "
@@ -136,6 +137,8 @@ class TrainConfig:
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _require(bool(self.resume), "train.resume", "must be auto, false or a checkpoint path")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops",
+                 f"must be > 0 or null (use the table of known GPUs), got {self.peak_tflops}")
         _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
                  f"must be two numbers in [0, 1), got {self.adam_betas}")
 

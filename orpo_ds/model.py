@@ -16,6 +16,10 @@ from orpo_ds.config import ConfigError
 from orpo_ds.logps import chunked_token_logps
 
 
+# Attention backends that take a packed row's boundaries as flash-attn varlen arguments.
+VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
+
+
 def resolve_attn_implementation(requested: str) -> str:
     """``auto`` -> flash_attention_2 where flash-attn and CUDA exist, else sdpa (one place to swap)."""
     if requested != "auto":
@@ -69,21 +73,29 @@ class PolicyWithChunkedHead(nn.Module):
         return self.causal_lm.get_output_embeddings()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                head_mask: torch.Tensor) -> torch.Tensor:
+                head_mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
         """
         Args:
             input_ids: ``[1, T]`` one packed row.
             position_ids: ``[1, T]`` restarting at 0 for each sequence; with no attention mask,
-                transformers derives the sequence boundaries from them (sdpa/eager/flex) or builds
-                ``cu_seqlens`` (flash_attention_2).
+                transformers derives the sequence boundaries from them (sdpa/eager/flex).
             labels: ``[T]`` next-token target at each position, -100 where none.
             head_mask: ``[T]`` bool, positions whose log-prob is needed (labels there are valid).
+            cu_seqlens: ``[S + 1]`` int32 sequence boundaries from the packer, and ``max_seqlen`` the
+                longest sequence: handed to flash-attn varlen (:data:`VARLEN_ATTENTION`) as
+                ``cu_seq_lens_q/k`` and ``max_length_q/k``. Given, transformers skips deriving them from
+                ``position_ids`` in every layer, which reads the device each time.
         Returns:
             ``[M]`` fp32 log-prob of ``labels[head_mask]``, ``M = head_mask.sum()``.
         """
         body = self.causal_lm.get_decoder()
+        varlen = {}
+        if cu_seqlens is not None and self.causal_lm.config._attn_implementation in VARLEN_ATTENTION:
+            varlen = {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": max_seqlen,
+                      "max_length_k": max_seqlen}
         # use_cache=False: with a KV cache the packed logits no longer equal the separate ones.
-        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **varlen).last_hidden_state
         selected = hidden[0][head_mask]  # [M, H]
         head = self.head
         return chunked_token_logps(selected, head.weight, labels[head_mask], bias=head.bias,

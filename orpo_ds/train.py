@@ -23,6 +23,7 @@ from orpo_ds.batch import MicroBatch, dummy_micro_batch, micro_batch_loss, prepa
 from orpo_ds.config import Config, ConfigError, dump_config
 from orpo_ds.data import DataError, load_records, tokenize_pairs
 from orpo_ds.evaluate import evaluate_pairs
+from orpo_ds.flops import peak_flops, step_flops
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, resolve_attn_implementation, train_top_layers_only
@@ -68,6 +69,19 @@ def plan_run(pairs: list[TokenizedPair], cfg: Config, world_size: int) -> list[S
         if t.max_steps and len(steps) >= t.max_steps:
             break
     return steps[: t.max_steps] if t.max_steps else steps
+
+
+def step_shape(plan: StepPlan, pairs: list[TokenizedPair], nll_on_prompt: bool) -> tuple[list[int], int]:
+    """Sequence lengths of the whole step (every rank) and the positions that reach the head, from the
+    plan on the host: what :func:`orpo_ds.flops.step_flops` needs, with no collective."""
+    lengths, head_positions = [], 0
+    for rank_rows in plan.rows:
+        for row in rank_rows:
+            for p in (pairs[i] for i in row or ()):
+                prompt = len(p.prompt_ids)
+                lengths += [prompt + len(p.chosen_ids), prompt + len(p.rejected_ids)]
+                head_positions += len(p.chosen_ids) + len(p.rejected_ids) + (prompt if nll_on_prompt else 0)
+    return lengths, head_positions
 
 
 def micro_batches_for(plan: StepPlan, rank: int, pairs: list[TokenizedPair], nll_on_prompt: bool,
@@ -254,6 +268,14 @@ def run_training(cfg: Config) -> dict[str, float]:
     resume_from = prepare_output_dir(cfg, info, identity, log)
 
     policy, _keepalive = build_policy(cfg, ds_config, dtype)
+    model_config = policy.causal_lm.config
+    # MFU against the bf16 table only in bf16: an fp32 run on a GPU needs train.peak_tflops to get one.
+    device_name = torch.cuda.get_device_name(info.device) if info.on_gpu and dtype == torch.bfloat16 else None
+    peak = peak_flops(device_name, cfg.train.peak_tflops)
+    if info.is_main:
+        print(f"[model] attention: {model_config._attn_implementation} (model.attn_implementation="
+              f"{cfg.model.attn_implementation}); {dtype}; mfu: "
+              f"{f'peak {peak / 1e12:.0f} TFLOP/s per device' if peak else 'off (no known peak)'}", flush=True)
     engine = eng_lib.Engine(policy, cfg, ds_config, total_steps=len(steps))
     saver = ckpt_lib.CheckpointSaver(engine, policy, tokenizer, cfg, info, identity)
     done_steps = saver.resume(resume_from, log) if resume_from else 0
@@ -283,6 +305,9 @@ def run_training(cfg: Config) -> dict[str, float]:
                   "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / seconds,
                   "packing_efficiency": stats["tokens"] / (real_rows * cfg.train.micro_batch_tokens),
                   "step_s": seconds}
+        if peak:
+            lengths, head_positions = step_shape(plan, train_pairs, cfg.loss.nll_on_prompt)
+            record["mfu"] = step_flops(model_config, lengths, head_positions) / seconds / (peak * info.world_size)
         troubled = bool(stats["skipped"] or stats["nonfinite_losses"])
         nonfinite_streak = nonfinite_streak + 1 if troubled else 0
         if troubled:

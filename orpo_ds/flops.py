@@ -1,0 +1,57 @@
+"""Model FLOPs of an optimizer step and the accelerator's peak, for the ``mfu`` metric.
+
+MFU (model FLOPs utilisation) counts the FLOPs the model needs, not the ones the hardware ran: no
+recomputation from activation checkpointing, no padding. Per step of a decoder-only transformer, with
+``N`` the parameters of the matmuls in the decoder layers (embeddings and head excluded), ``L`` layers,
+width ``d``, vocabulary ``V``:
+
+    6 * N * T                     every token through every layer (forward 2, backward 4 FLOPs per weight)
+  + 6 * L * d * sum(s_i ** 2)     causal attention scores and values, per packed sequence of length s_i
+                                  (QK^T and AV are 2 * s^2 * d each in full, half of that causally)
+  + 6 * V * d * M                 the head, on the M positions that carry a label only
+
+Parameters that do not train still cost their forward and the backward through them, so freeze tuning
+reads as a lower MFU rather than a higher one (its backward skips the weight gradients of frozen layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# Dense bf16 tensor-core peaks, FLOP/s, by a name ``torch.cuda.get_device_name`` contains (SXM parts).
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def decoder_matmul_params(config) -> int:
+    """Weights of the attention and MLP projections of all decoder layers, from a transformers config
+    (Llama-style: grouped KV heads, a gated MLP). ``[d, d]`` for q and o, ``[d, d_kv]`` for k and v,
+    three ``[d, d_ff]`` for gate, up and down."""
+    d, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    attention = 2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
+    mlp = 3 * d * config.intermediate_size
+    return layers * (attention + mlp)
+
+
+def step_flops(config, sequence_lengths: Iterable[int], head_positions: int) -> float:
+    """Model FLOPs of forward + backward over packed sequences of ``sequence_lengths`` tokens, of which
+    ``head_positions`` reach the head (see the module docstring)."""
+    lengths = list(sequence_lengths)
+    tokens = sum(lengths)
+    d = config.hidden_size
+    dense = 6 * decoder_matmul_params(config) * tokens
+    attention = 6 * config.num_hidden_layers * d * sum(s * s for s in lengths)
+    head = 6 * config.vocab_size * d * head_positions
+    return float(dense + attention + head)
+
+
+def peak_flops(device_name: str | None, override_tflops: float | None) -> float | None:
+    """The per-device peak MFU divides by: ``train.peak_tflops`` when set, else the bf16 peak of a known
+    GPU; None (no MFU) on the CPU or an unknown device, rather than an invented peak."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if not device_name:
+        return None
+    return next((peak for name, peak in BF16_PEAK_FLOPS.items() if name in device_name), None)
