@@ -43,6 +43,7 @@ from orpo_ds.config import Config
 from orpo_ds.data import tokenizer_identity
 from orpo_ds.metrics import MetricsLog
 from orpo_ds.packing import TokenizedPair
+from orpo_ds.safe_files import aside_path, replace_dir
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -109,10 +110,6 @@ def _step_of(folder: Path) -> int:
     return int(_STEP_DIR.match(folder.name).group(1))
 
 
-def _aside_name(name: str) -> str:
-    return f".old-{name}"
-
-
 def fault_point(name: str, step: int) -> None:
     """Fault injection for the crash-safety tests: with ``ORPO_DS_FAULT=<name>:<step>`` in the environment,
     SIGKILL this process's whole group here (the launcher and every rank die, like a node loss)."""
@@ -145,7 +142,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     pointer = root / LATEST
     if pointer.is_file():
         name = pointer.read_text().strip()
-        for candidate in (root / name, root / _aside_name(name)):  # the twin: a re-save killed mid-swap
+        for candidate in (root / name, aside_path(root / name)):  # the twin: a re-save killed mid-swap
             if (candidate / STATE_FILE).is_file():
                 return candidate
     complete = sorted((p for p in root.glob("step-*") if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()),
@@ -266,17 +263,12 @@ def commit_save(tmp: Path, state: TrainerState, keep: int, hf_files_from=None) -
     fault_point("kill_before_commit", state.step)
     root = tmp.parent
     final = root / step_dir_name(state.step)
-    # A re-save of the same step (e.g. preempted right after a periodic save): the old folder is renamed
-    # aside, not deleted, until the new one is in place (latest_checkpoint reads the twin meanwhile).
-    aside = root / _aside_name(final.name)
-    shutil.rmtree(aside, ignore_errors=True)
-    if final.exists():
-        os.rename(final, aside)
-    os.replace(tmp, final)
+    # A re-save of the same step (e.g. preempted right after a periodic save) keeps the old folder aside
+    # until the new one is in place; latest_checkpoint reads that twin meanwhile.
+    replace_dir(tmp, final)
     pointer_tmp = root / f".{LATEST}.tmp"
     pointer_tmp.write_text(final.name)
     os.replace(pointer_tmp, root / LATEST)
-    shutil.rmtree(aside, ignore_errors=True)
     for old in prunable(root, final, keep):
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -39,12 +39,12 @@ def check_export_target(out: str | Path, *, protected: list[Path]) -> Path:
         if _is_within(Path(folder).resolve(), target):
             raise UnsafeOutputError(f"--out {str(out)!r} is or contains {str(folder)!r}, which the export reads "
                                     f"from or belongs to the run; pick a new folder, e.g. --out {folder}/export")
-    if target.exists() and not (target / EXPORT_MARKER).is_file():
-        what = "a file" if not target.is_dir() else ("an empty folder" if not any(target.iterdir()) else
-                                                     "a folder that is not an orpo-ds export")
-        if what != "an empty folder":
-            raise UnsafeOutputError(f"--out {str(out)!r} is {what}; orpo-ds only replaces its own exports "
-                                    f"(they hold {EXPORT_MARKER}). Pick a new folder, or remove it yourself")
+    if target.is_file():
+        raise UnsafeOutputError(f"--out {str(out)!r} is a file; pick a folder name")
+    if target.is_dir() and any(target.iterdir()) and not (target / EXPORT_MARKER).is_file():
+        raise UnsafeOutputError(f"--out {str(out)!r} is a folder that is not an orpo-ds export; orpo-ds only "
+                                f"replaces its own exports (they hold {EXPORT_MARKER}). Pick a new folder, or "
+                                f"remove it yourself")
     return target
 
 
@@ -57,10 +57,15 @@ def staging_dir(target: Path) -> Path:
     return tmp
 
 
+def aside_path(target: Path) -> Path:
+    """Where :func:`replace_dir` keeps the old ``target`` while the new one moves in."""
+    return target.with_name(f".old-{target.name}")
+
+
 def replace_dir(new: Path, target: Path) -> Path:
     """Put the complete folder ``new`` at ``target``: the old one is renamed aside, the new one renamed
-    in, then the old one is deleted. A kill in between leaves ``target`` or its ``.old-`` twin whole."""
-    aside = target.with_name(f".old-{target.name}")
+    in, then the old one is deleted. A kill in between leaves ``target`` or its :func:`aside_path` whole."""
+    aside = aside_path(target)
     shutil.rmtree(aside, ignore_errors=True)
     if target.exists():
         os.rename(target, aside)

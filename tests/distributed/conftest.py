@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,16 @@ def launch(args: list[str], *, ranks: int, timeout: int = 600, cwd: Path = REPO,
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-6000:] + "\n" + proc.stderr[-6000:])
     return proc
+
+
+def wait_for_logged_steps(out: Path, count: int, timeout: float = 300) -> None:
+    """Poll ``out/metrics.jsonl`` until it holds ``count`` training steps (or the timeout passes)."""
+    from orpo_ds.metrics import read_metrics
+
+    deadline = time.time() + timeout
+    path = out / "metrics.jsonl"
+    while time.time() < deadline and not (path.exists() and sum("loss" in m for m in read_metrics(path)) >= count):
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

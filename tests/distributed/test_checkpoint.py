@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -17,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from orpo_ds.cli import EXIT_PREEMPTED
 from orpo_ds.metrics import read_metrics
-from tests.distributed.conftest import REPO, base_overrides, launch, launch_command, run_env
+from tests.distributed.conftest import REPO, base_overrides, launch, launch_command, run_env, wait_for_logged_steps
 from tests.helpers.tokenizers import byte_ids
 from tests.helpers.synthetic import write_pairs
 
@@ -101,9 +100,7 @@ def test_sigusr1_checkpoints_exits_75_and_restart_continues(tiny_model, syntheti
     proc = subprocess.Popen(launch_command(args, 2), cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and len(_train_records(out) if (out / "metrics.jsonl").exists() else {}) < 3:
-            time.sleep(0.2)
+        wait_for_logged_steps(out, 3)
         # The training ranks, not the launcher processes above them (they get --local_rank=N).
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if any(a.startswith("--local_rank=") for a in p.cmdline())]

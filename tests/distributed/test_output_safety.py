@@ -8,11 +8,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 from orpo_ds.metrics import read_metrics
 from orpo_ds.preemption import EXIT_INTERRUPTED
-from tests.distributed.conftest import REPO, base_overrides, launch, launch_command, run_env
+from tests.distributed.conftest import REPO, base_overrides, launch, launch_command, run_env, wait_for_logged_steps
 from tests.helpers.synthetic import write_pairs
 
 
@@ -83,9 +82,7 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_model, synthetic_data
     proc = subprocess.Popen(launch_command(args, 1), cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(_steps(out)) >= 2):
-            time.sleep(0.2)
+        wait_for_logged_steps(out, 2)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=300)
     finally:

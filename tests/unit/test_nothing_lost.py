@@ -138,15 +138,15 @@ def test_resave_of_a_step_keeps_a_complete_checkpoint_at_every_instant(tmp_path,
     tmp = ckpt.begin_save(tmp_path, 5)
     (tmp / "payload").write_text("second")
     seen = []
-    real_replace = os.replace
+    real_rename = os.rename
 
     def spy(src, dst):
         if os.path.basename(src) == tmp.name:  # the instant before the new folder lands
             found = ckpt.latest_checkpoint(tmp_path)
             seen.append((found.name, (found / "payload").read_text()))
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(os, "replace", spy)
+    monkeypatch.setattr(os, "rename", spy)
     ckpt.commit_save(tmp, _state(5), keep=2)
     assert seen == [(".old-step-000005", "first")]
     assert (root / "step-000005" / "payload").read_text() == "second"
