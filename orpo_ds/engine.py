@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from orpo_ds.config import Config, ConfigError
+from orpo_ds.config import ConfigError, TrainConfig
 
 # Keys of the DeepSpeed JSON that orpo-ds owns: they come from our config, and a JSON that sets one of
 # them to something else is an error rather than a silent override.
@@ -118,13 +118,14 @@ def build_cpu_comm_op() -> None:
     build_shm_op()
 
 
-def resolve_dtype(cfg: Config, info: DistInfo) -> torch.dtype:
-    if cfg.train.precision == "auto":
+def resolve_dtype(t: TrainConfig, info: DistInfo) -> torch.dtype:
+    """``train.precision``: auto is bf16 on a GPU (DeepSpeed keeps fp32 master weights), fp32 elsewhere."""
+    if t.precision == "auto":
         return torch.bfloat16 if info.on_gpu else torch.float32
-    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    return torch.bfloat16 if t.precision == "bf16" else torch.float32
 
 
-def build_ds_config(ds_json: dict[str, Any], cfg: Config, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
+def build_ds_config(ds_json: dict[str, Any], t: TrainConfig, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
     """Inject batch sizes, clipping and precision from our config into the engine-only DeepSpeed JSON.
 
     One packed row is one micro-batch, so ``train_micro_batch_size_per_gpu`` is 1. A JSON value that
@@ -138,9 +139,9 @@ def build_ds_config(ds_json: dict[str, Any], cfg: Config, world_size: int, dtype
                               f"and schedule from train.lr, train.lr_schedule, train.warmup_steps, ...")
     wanted = {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": world_size * cfg.train.grad_accum,
-        "gradient_clipping": cfg.train.max_grad_norm,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": world_size * t.grad_accum,
+        "gradient_clipping": t.max_grad_norm,
     }
     for key in _INJECTED_KEYS:
         have = ds.get(key, "auto")
@@ -160,7 +161,7 @@ def build_ds_config(ds_json: dict[str, Any], cfg: Config, world_size: int, dtype
         ds.setdefault(section, {})["enabled"] = enabled
     if bf16:  # ZeRO-1/2 in bf16 apply a non-finite gradient unless told to check (the non-finite guard)
         ds["bf16"].setdefault("check_grad_overflow", True)
-    if cfg.train.optimizer == "sgd":
+    if t.optimizer == "sgd":
         ds["zero_allow_untested_optimizer"] = True
     return ds
 
@@ -213,9 +214,10 @@ def register_external_parameter(module: torch.nn.Module, param: torch.nn.Paramet
         deepspeed.zero.register_external_parameter(module, param)
 
 
-def make_optimizer(module: torch.nn.Module, cfg: Config, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(module: torch.nn.Module, t: TrainConfig, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW (fused), DeepSpeedCPUAdam when the JSON offloads the optimizer, or SGD, over the trainable
+    parameters of ``module``, from the ``train`` section."""
     params = [p for p in module.parameters() if p.requires_grad]
-    t = cfg.train
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -228,9 +230,12 @@ def make_optimizer(module: torch.nn.Module, cfg: Config, ds_config: dict[str, An
     return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=True)
 
 
-def make_lr_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``train.warmup_steps``, then cosine / linear decay to 0 or constant."""
-    warmup, kind = cfg.train.warmup_steps, cfg.train.lr_schedule
+def make_lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``train.warmup_steps``, then cosine / linear decay to 0 or constant.
+
+    The factor at scheduler step ``s`` is ``(s + 1) / (warmup + 1)`` during warmup, so the first update
+    already moves; after warmup the decay reaches 0 at ``total_steps``."""
+    warmup, kind = t.warmup_steps, t.lr_schedule
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -246,11 +251,11 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, cfg: Config, total_steps:
 class Engine:
     """A thin facade over ``deepspeed.DeepSpeedEngine``: forward, backward, step, and what we read back."""
 
-    def __init__(self, module: torch.nn.Module, cfg: Config, ds_config: dict[str, Any], total_steps: int):
+    def __init__(self, module: torch.nn.Module, t: TrainConfig, ds_config: dict[str, Any], total_steps: int):
         import deepspeed
 
-        optimizer = make_optimizer(module, cfg, ds_config)
-        schedule = make_lr_schedule(optimizer, cfg, total_steps)
+        optimizer = make_optimizer(module, t, ds_config)
+        schedule = make_lr_schedule(optimizer, t, total_steps)
         self.ds_config = ds_config
         self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)

@@ -1,4 +1,5 @@
-"""``orpo-ds export``: a DeepSpeed checkpoint -> a transformers folder that ``from_pretrained`` loads."""
+"""Transformers folders that ``from_pretrained`` loads: from a live run's engine at the end of training,
+and from a saved DeepSpeed checkpoint (``orpo-ds export``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,22 @@ import torch
 
 from orpo_ds import engine as eng_lib
 from orpo_ds.checkpoint import find_checkpoint, output_dir_of
+from orpo_ds.model import PolicyWithChunkedHead
 from orpo_ds.safe_files import check_export_target, mark_export, replace_dir, staging_dir
 
-# The policy wraps the causal LM as `causal_lm`; checkpoint keys carry that prefix.
-_PREFIX = "causal_lm."
+
+def export_trained(engine, policy: PolicyWithChunkedHead, tokenizer, out_dir: Path, info) -> Path:
+    """Collective: write a transformers folder (safetensors, config, tokenizer, chat template) from rank
+    0, into a staging folder that replaces ``out_dir`` only once complete (:func:`replace_dir`)."""
+    state = engine.full_state_dict(policy.causal_lm)
+    if info.is_main:
+        tmp = staging_dir(out_dir)
+        policy.causal_lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        mark_export(tmp)
+        replace_dir(tmp, out_dir)
+    eng_lib.barrier()
+    return out_dir
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: str = "5GB",
@@ -28,7 +41,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_
 
     ckpt = find_checkpoint(checkpoint)
     target = check_export_target(out_dir, protected=[ckpt, output_dir_of(ckpt)])
-    state = {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v
+    prefix = PolicyWithChunkedHead.STATE_PREFIX
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v
              for k, v in eng_lib.consolidate_zero_checkpoint(ckpt / "ds").items()}
     config = AutoConfig.from_pretrained(ckpt / "hf")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)

@@ -12,7 +12,8 @@ import importlib.util
 import torch
 from torch import nn
 
-from orpo_ds.config import ConfigError
+from orpo_ds import engine as eng_lib
+from orpo_ds.config import ConfigError, ModelConfig
 from orpo_ds.logps import chunked_token_logps
 
 
@@ -59,6 +60,10 @@ class PolicyWithChunkedHead(nn.Module):
     of the tokens, and on a large vocabulary the head dominates the compute.
     """
 
+    # The causal LM is the submodule `causal_lm`: the keys of the policy's (and a checkpoint's) state
+    # dict are the model's own keys under this prefix.
+    STATE_PREFIX = "causal_lm."
+
     def __init__(self, causal_lm: nn.Module, chunk_size: int = 1024):
         super().__init__()
         self.causal_lm = causal_lm
@@ -101,3 +106,28 @@ class PolicyWithChunkedHead(nn.Module):
         return chunked_token_logps(selected, head.weight, labels[head_mask], bias=head.bias,
                                    logit_scale=self.logit_scale, softcap=self.softcap,
                                    chunk_size=self.chunk_size)
+
+
+def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_size: int):
+    """Load ``model.name_or_path`` (partitioned while loading under ZeRO-3) and wrap it in the policy.
+
+    Returns ``(policy, keepalive)``: keep ``keepalive`` referenced for the run (see
+    :func:`orpo_ds.engine.load_pretrained`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    attn = resolve_attn_implementation(m.attn_implementation)
+    try:
+        model, keepalive = eng_lib.load_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
+            m.name_or_path, dtype=dtype, attn_implementation=attn, trust_remote_code=m.trust_remote_code), ds_config)
+    except OSError as exc:  # the tokenizer loaded, but the weights are missing or unreadable
+        raise ConfigError(f"model.name_or_path: cannot load the model weights of {m.name_or_path!r} "
+                          f"({str(exc).splitlines()[0]})") from exc
+    model.config.use_cache = False
+    if m.trainable_layers is not None:
+        train_top_layers_only(model, m.trainable_layers)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = PolicyWithChunkedHead(model, chunk_size=chunk_size)
+    eng_lib.register_external_parameter(policy, policy.head.weight)
+    return policy, keepalive

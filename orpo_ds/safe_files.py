@@ -74,6 +74,19 @@ def replace_dir(new: Path, target: Path) -> Path:
     return target
 
 
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write a file so that a reader (or a kill at any instant) sees the old content or the new, never a
+    mix: write a hidden sibling, flush it to disk, then ``os.replace`` it onto ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def mark_export(folder: Path) -> None:
     (folder / EXPORT_MARKER).write_text("written by orpo-ds; a later export may replace this folder\n")
 

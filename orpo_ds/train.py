@@ -26,12 +26,12 @@ from orpo_ds.evaluate import evaluate_pairs
 from orpo_ds.flops import peak_flops, step_flops
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.metrics import MetricsLog, progress_bar
-from orpo_ds.model import PolicyWithChunkedHead, resolve_attn_implementation, train_top_layers_only
+from orpo_ds.model import build_policy
 from orpo_ds.packing import DEFAULT_LAYOUT, TokenizedPair, build_row, pack_pairs, plan_steps
 from orpo_ds.preemption import EXIT_INTERRUPTED, Preempted, PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics
-from orpo_ds.safe_files import (OutputDirLock, UnsafeOutputError, check_export_target, mark_export, replace_dir,
-                                staging_dir)
+from orpo_ds.export import export_trained
+from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, check_export_target
 
 LAYOUT = DEFAULT_LAYOUT
 
@@ -207,27 +207,6 @@ def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]
     return pairs
 
 
-def build_policy(cfg: Config, ds_config: dict, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    attn = resolve_attn_implementation(cfg.model.attn_implementation)
-    try:
-        model, keepalive = eng_lib.load_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
-            cfg.model.name_or_path, dtype=dtype, attn_implementation=attn,
-            trust_remote_code=cfg.model.trust_remote_code), ds_config)
-    except OSError as exc:  # the tokenizer loaded, but the weights are missing or unreadable
-        raise ConfigError(f"model.name_or_path: cannot load the model weights of {cfg.model.name_or_path!r} "
-                          f"({str(exc).splitlines()[0]})") from exc
-    model.config.use_cache = False
-    if cfg.model.trainable_layers is not None:
-        train_top_layers_only(model, cfg.model.trainable_layers)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = PolicyWithChunkedHead(model, chunk_size=cfg.loss.chunk_size)
-    eng_lib.register_external_parameter(policy, policy.head.weight)
-    return policy, keepalive
-
-
 def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: MetricsLog) -> Path | None:
     """Decide fresh start or resume, refusing what would mix two runs, then record the config.
 
@@ -256,8 +235,8 @@ def run_training(cfg: Config) -> dict[str, float]:
     _lock = lock_output_dir(out_dir, info)  # held until the process exits
     if cfg.train.export:  # refuse now rather than after hours of training
         check_export_target(out_dir / "final", protected=[])
-    dtype = eng_lib.resolve_dtype(cfg, info)
-    ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), cfg, info.world_size, dtype)
+    dtype = eng_lib.resolve_dtype(cfg.train, info)
+    ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), cfg.train, info.world_size, dtype)
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)
@@ -267,7 +246,7 @@ def run_training(cfg: Config) -> dict[str, float]:
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
     resume_from = prepare_output_dir(cfg, info, identity, log)
 
-    policy, _keepalive = build_policy(cfg, ds_config, dtype)
+    policy, _keepalive = build_policy(cfg.model, ds_config, dtype, chunk_size=cfg.loss.chunk_size)
     model_config = policy.causal_lm.config
     # MFU against the bf16 table only in bf16: an fp32 run on a GPU needs train.peak_tflops to get one.
     device_name = torch.cuda.get_device_name(info.device) if info.on_gpu and dtype == torch.bfloat16 else None
@@ -276,7 +255,7 @@ def run_training(cfg: Config) -> dict[str, float]:
         print(f"[model] attention: {model_config._attn_implementation} (model.attn_implementation="
               f"{cfg.model.attn_implementation}); {dtype}; mfu: "
               f"{f'peak {peak / 1e12:.0f} TFLOP/s per device' if peak else 'off (no known peak)'}", flush=True)
-    engine = eng_lib.Engine(policy, cfg, ds_config, total_steps=len(steps))
+    engine = eng_lib.Engine(policy, cfg.train, ds_config, total_steps=len(steps))
     saver = ckpt_lib.CheckpointSaver(engine, policy, tokenizer, cfg, info, identity)
     done_steps = saver.resume(resume_from, log) if resume_from else 0
     # A requeued job whose last checkpoint is the final step already evaluated after training (the eval
@@ -346,24 +325,10 @@ def run_training(cfg: Config) -> dict[str, float]:
     summary["train_wall_s"] = wall
     summary["tokens_per_s"] = total_tokens / wall if wall > 0 else 0.0
     if cfg.train.export:
-        summary["export_dir"] = str(export_model(engine, policy, tokenizer, out_dir / "final", info))
+        summary["export_dir"] = str(export_trained(engine, policy, tokenizer, out_dir / "final", info))
     if info.is_main:
         summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         print(f"\n{before_after_table(summary)}\ncurves: {summary['plot']}", flush=True)
     eng_lib.barrier()
     return summary
-
-
-def export_model(engine, policy: PolicyWithChunkedHead, tokenizer, out_dir: Path, info) -> Path:
-    """Write a transformers folder (safetensors, config, tokenizer, chat template) from rank 0, into a
-    staging folder that replaces ``out_dir`` only once complete (:func:`replace_dir`)."""
-    state = engine.full_state_dict(policy.causal_lm)
-    if info.is_main:
-        tmp = staging_dir(out_dir)
-        policy.causal_lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        mark_export(tmp)
-        replace_dir(tmp, out_dir)
-    eng_lib.barrier()
-    return out_dir

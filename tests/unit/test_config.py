@@ -66,7 +66,7 @@ def test_cli_config_error_exits_2_without_traceback():
 @pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "zero2.json", "zero0.json"])
 def test_ds_configs_inject_batch_clipping_precision(name):
     cfg = load_config(None, BASE + ["train.grad_accum=3", "train.max_grad_norm=0.5"])
-    ds = build_ds_config(read_ds_config(f"ds_configs/{name}"), cfg, world_size=4, dtype=torch.bfloat16)
+    ds = build_ds_config(read_ds_config(f"ds_configs/{name}"), cfg.train, world_size=4, dtype=torch.bfloat16)
     assert ds["train_micro_batch_size_per_gpu"] == 1
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 12
@@ -77,12 +77,12 @@ def test_ds_configs_inject_batch_clipping_precision(name):
 def test_ds_config_conflicts_are_errors():
     cfg = load_config(None, BASE + ["train.grad_accum=2"])
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
-        build_ds_config({"gradient_accumulation_steps": 4}, cfg, 1, torch.float32)
+        build_ds_config({"gradient_accumulation_steps": 4}, cfg.train, 1, torch.float32)
     with pytest.raises(ConfigError, match="bf16"):
-        build_ds_config({"bf16": {"enabled": True}}, cfg, 1, torch.float32)
+        build_ds_config({"bf16": {"enabled": True}}, cfg.train, 1, torch.float32)
     with pytest.raises(ConfigError, match="optimizer"):
-        build_ds_config({"optimizer": {"type": "Adam"}}, cfg, 1, torch.float32)
-    ok = build_ds_config({"gradient_accumulation_steps": "auto", "gradient_clipping": 1.0}, cfg, 2, torch.float32)
+        build_ds_config({"optimizer": {"type": "Adam"}}, cfg.train, 1, torch.float32)
+    ok = build_ds_config({"gradient_accumulation_steps": "auto", "gradient_clipping": 1.0}, cfg.train, 2, torch.float32)
     assert ok["gradient_accumulation_steps"] == 2 and ok["train_batch_size"] == 4
 
 

@@ -306,7 +306,7 @@ def test_bad_deepspeed_json_is_a_config_error(tmp_path, text, words):
     path.write_text(text)
     cfg = load_config(None, BASE)
     with pytest.raises(ConfigError, match=words):
-        build_ds_config(read_ds_config(str(path)), cfg, world_size=1, dtype=torch.float32)
+        build_ds_config(read_ds_config(str(path)), cfg.train, world_size=1, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------- the command line
