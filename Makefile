@@ -18,7 +18,7 @@ RANKS ?= $(GPUS)
 endif
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup test test-unit test-dist assets train clean
+.PHONY: setup lint test test-unit test-dist assets train clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,12 @@ $(STAMP): pyproject.toml
 	if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	  else $(PY) -m pip install -q torch==2.13.0; fi; fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,demo]"
 	touch $(STAMP)
+
+# ruff with the small rule set in pyproject.toml (pyflakes, pycodestyle, isort, bugbear, blind excepts).
+lint: setup
+	$(PY) -m ruff check .
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: setup
@@ -39,7 +43,7 @@ test: setup
 
 # The main job: fetch + verify the real assets, then ORPO on them (see configs/demo.yaml).
 assets: setup
-	$(PY) -m orpo_ds.assets
+	$(PY) -m orpo_ds.tools.assets
 
 # launch/deepspeed.sh runs `deepspeed --num_gpus $(RANKS) --module orpo_ds train --config $(CONFIG) ...`.
 # CONFIG, OVERRIDES and GPUS_PER_NODE reach it in the environment, never in the recipe's text, and the script

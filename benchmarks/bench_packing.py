@@ -71,7 +71,7 @@ PAD_ID, EOS_ID = 0, 2
 
 def make_pairs(args):
     """``args.pairs`` random pairs (fixed seed), lengths uniform in the given ranges (inclusive)."""
-    from orpo_ds.packing import TokenizedPair
+    from orpo_ds.data import TokenizedPair
 
     rng = np.random.default_rng(args.seed)
     p_lo, p_hi = args.prompt_len
@@ -105,7 +105,7 @@ def padded_batches(pairs, per_batch):
         width = max(map(len, seqs))
         ids = torch.tensor([s + [PAD_ID] * (width - len(s)) for s in seqs])
         attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+        lab = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
         batches.append(dict(input_ids=ids, attention_mask=attn, labels=lab, num_pairs=len(group)))
     return batches
 
@@ -218,7 +218,8 @@ def child(args) -> None:
             body = model.get_decoder()
             hidden = torch.cat([
                 body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
-                for ids, pos in zip(mb.input_ids.split(seq_lengths, 1), mb.position_ids.split(seq_lengths, 1))])
+                for ids, pos in zip(mb.input_ids.split(seq_lengths, 1), mb.position_ids.split(seq_lengths, 1),
+                                    strict=True)])
             head = model.get_output_embeddings()
             token_logps = chunked_token_logps(hidden[mb.head_mask], head.weight, mb.labels[mb.head_mask],
                                               chunk_size=args.chunk_size)

@@ -5,26 +5,29 @@ Pure tensor code shared by training, evaluation and the tests' references.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from orpo_ds.logps import sequence_mean_logps
+from orpo_ds.data import TokenizedPair
+from orpo_ds.logps import IGNORE_INDEX, sequence_mean_logps
 from orpo_ds.loss import orpo_loss
-from orpo_ds.packing import PackedRow, collate
+from orpo_ds.packing import PackedRow, build_row
 
 
 @dataclass(frozen=True)
 class MicroBatch:
     """One packed row, ready for :class:`orpo_ds.model.PolicyWithChunkedHead`.
 
-    T tokens in the row, S sequences, P pairs, M positions that reach the head.
+    T tokens in the row, S sequences, P pairs, M positions that reach the head. The counts are host
+    integers, computed from the row before it reaches the device, so reading them costs no sync.
     """
 
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    labels: torch.Tensor  # [T] next-token targets, -100 where none
+    labels: torch.Tensor  # [T] next-token targets, IGNORE_INDEX where none
     head_mask: torch.Tensor  # [T] bool, positions whose log-prob is computed
     head_seq_id: torch.Tensor  # [M] sequence of each head position
     head_is_response: torch.Tensor  # [M] bool, counts towards the sequence's average log-prob
@@ -36,17 +39,11 @@ class MicroBatch:
     # explicitly so no layer has to derive them from position_ids (a host sync per layer)
     cu_seqlens: torch.Tensor
     max_seqlen: int  # longest sequence of the row
-    num_sequences: int
-    num_tokens: int
+    num_sequences: int  # S
+    num_tokens: int  # T (0 for a dummy batch: it carries no data)
+    num_pairs: int  # P
+    num_nll_tokens: int  # head_is_nll.sum()
     is_dummy: bool = False
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self.chosen_seq.numel())
-
-    @property
-    def num_nll_tokens(self) -> int:
-        return int(self.head_is_nll.sum())
 
     def model_inputs(self) -> dict[str, torch.Tensor | int]:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "labels": self.labels,
@@ -54,42 +51,36 @@ class MicroBatch:
 
 
 def prepare_micro_batch(row: PackedRow, *, nll_on_prompt: bool, device: torch.device | str = "cpu") -> MicroBatch:
-    """Tensors of ``row`` plus the masks that decide which positions reach the head.
+    """Tensors of ``row`` on ``device``, plus the masks that decide which positions reach the head.
 
     A position reaches the head when its label is a response token (both responses need their average
-    log-prob), or, with ``nll_on_prompt``, when it predicts a prompt token of a chosen sequence.
+    log-prob), or, with ``nll_on_prompt``, when it predicts a prompt token of a chosen sequence. The masks
+    are computed on the host, from the row's arrays, and copied once.
     """
-    t = collate(row, device=device)
-    labels, seq_id = t["labels"], t["seq_id"]
-    response = t["response_mask"]
-    is_chosen_token = t["seq_is_chosen"][seq_id]
-    nll_token = is_chosen_token & (labels != -100)
+    nll_token = row.seq_is_chosen[row.seq_id] & (row.labels != IGNORE_INDEX)  # [T]
     if not nll_on_prompt:
-        nll_token = nll_token & response
-    head_mask = response | nll_token
-    pair_index, is_chosen = t["seq_pair_index"], t["seq_is_chosen"]
-    num_pairs = int(row.num_pairs)
-    # Sequence index of each pair's chosen / rejected response, in pair order.
-    chosen_seq = torch.empty(num_pairs, dtype=torch.long, device=device)
-    rejected_seq = torch.empty(num_pairs, dtype=torch.long, device=device)
-    seq_index = torch.arange(pair_index.numel(), device=device)
-    chosen_seq[pair_index[is_chosen]] = seq_index[is_chosen]
-    rejected_seq[pair_index[~is_chosen]] = seq_index[~is_chosen]
-    pair_ids = torch.empty(num_pairs, dtype=torch.long, device=device)
-    pair_ids[pair_index] = t["seq_pair_id"]
+        nll_token &= row.response_mask
+    head_mask = row.response_mask | nll_token  # [T]
+
+    def put(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        # A copy on the CPU too, so that in-place edits of a batch never reach the (frozen) row.
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype, copy=True)
+
     return MicroBatch(
-        input_ids=t["input_ids"], position_ids=t["position_ids"], labels=labels, head_mask=head_mask,
-        head_seq_id=seq_id[head_mask], head_is_response=response[head_mask], head_is_nll=nll_token[head_mask],
-        chosen_seq=chosen_seq, rejected_seq=rejected_seq, pair_ids=pair_ids,
-        cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(row.seq_lengths)]), dtype=torch.int32, device=device),
-        max_seqlen=int(row.seq_lengths.max()), num_sequences=int(pair_index.numel()), num_tokens=int(labels.numel()))
+        input_ids=put(row.input_ids)[None], position_ids=put(row.position_ids)[None], labels=put(row.labels),
+        head_mask=put(head_mask), head_seq_id=put(row.seq_id[head_mask]),
+        head_is_response=put(row.response_mask[head_mask]), head_is_nll=put(nll_token[head_mask]),
+        chosen_seq=put(row.chosen_seq), rejected_seq=put(row.rejected_seq), pair_ids=put(row.pair_ids),
+        cu_seqlens=put(np.concatenate([[0], np.cumsum(row.seq_lengths)]), torch.int32),
+        max_seqlen=int(row.seq_lengths.max()), num_sequences=int(row.seq_lengths.shape[0]),
+        num_tokens=row.num_tokens, num_pairs=row.num_pairs, num_nll_tokens=int(nll_token.sum()))
 
 
 def dummy_micro_batch(pad_token_id: int, device: torch.device | str = "cpu") -> MicroBatch:
     """A one-token stand-in for a rank with no real row in a step.
 
     ZeRO-3 gathers parameters and reduces gradients collectively, so every rank must run the same number
-    of forward/backward passes; the caller multiplies this batch's loss by zero.
+    of forward/backward passes; :func:`micro_batch_loss` multiplies this batch's loss by zero.
     """
     one = torch.ones(1, dtype=torch.bool, device=device)
     empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -100,7 +91,22 @@ def dummy_micro_batch(pad_token_id: int, device: torch.device | str = "cpu") -> 
         head_seq_id=torch.zeros(1, dtype=torch.long, device=device), head_is_response=~one, head_is_nll=~one,
         chosen_seq=empty, rejected_seq=empty, pair_ids=empty,
         cu_seqlens=torch.tensor([0, 1], dtype=torch.int32, device=device), max_seqlen=1, num_sequences=1,
-        num_tokens=0, is_dummy=True)
+        num_tokens=0, num_pairs=0, num_nll_tokens=0, is_dummy=True)
+
+
+def micro_batches(slots: Sequence[Sequence[int] | None], pairs: Sequence[TokenizedPair], *, nll_on_prompt: bool,
+                  pad_token_id: int, device: torch.device | str = "cpu") -> list[MicroBatch]:
+    """One rank's micro-batches of one step, for training and evaluation alike.
+
+    Args:
+        slots: the rank's slots of a :class:`orpo_ds.packing.StepPlan` (``plan.rows[rank]``): each the
+            pair indices of one packed row, or ``None`` where the rank has no row in this step, which runs
+            a :func:`dummy_micro_batch` (the one place that rule is applied).
+        pairs: the tokenized pairs the indices refer to.
+    """
+    return [dummy_micro_batch(pad_token_id, device) if slot is None else
+            prepare_micro_batch(build_row([pairs[i] for i in slot]), nll_on_prompt=nll_on_prompt, device=device)
+            for slot in slots]
 
 
 def micro_batch_loss(token_logps: torch.Tensor, mb: MicroBatch, *, beta: float, global_nll_tokens: int,

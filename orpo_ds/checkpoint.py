@@ -10,7 +10,7 @@ Layout under ``<train.output_dir>/checkpoints/``::
     latest                       the name of the newest complete checkpoint, replaced last
 
 A checkpoint is written under ``.tmp-step-000005`` and renamed once every rank has finished writing;
-only then does ``latest`` change (write a temp file, ``os.replace``). A kill at any point leaves the
+only then does ``latest`` change (:func:`orpo_ds.safe_files.atomic_write`). A kill at any point leaves the
 previous checkpoint and pointer intact; stale ``.tmp-*`` folders are deleted by the next save. A re-save
 of a step renames the old folder aside (``.old-step-000005``) before the new one is renamed in, and a
 reader that finds only that twin uses it. Pruning never deletes the checkpoint just written, nor the one
@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from orpo_ds import engine as eng_lib
-from orpo_ds.config import Config
-from orpo_ds.data import tokenizer_identity
+from orpo_ds.config import Config, TrainConfig
+from orpo_ds.data import TokenizedPair, tokenizer_identity
 from orpo_ds.metrics import MetricsLog
-from orpo_ds.packing import TokenizedPair
-from orpo_ds.safe_files import aside_path, replace_dir
+from orpo_ds.preemption import EXIT_INTERRUPTED, Preempted
+from orpo_ds.safe_files import aside_path, atomic_write, replace_dir
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -71,6 +71,10 @@ class TrainerState:
     max_length: int | None = None
     truncation: str | None = None
     tokenizer_sha256: str | None = None  # vocabulary, merges, added tokens and chat template
+    # The loop's own progress besides the step: the held-out figures before and after training, so a
+    # requeued job reports them without evaluating (or logging) them twice.
+    eval_before: dict[str, float] | None = None
+    eval_after: dict[str, float] | None = None
 
 
 def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
@@ -247,7 +251,7 @@ def load_rank_state(ckpt: Path, rank: int) -> None:
     path = ckpt / "rng" / f"rank-{rank:05d}.pt"
     try:
         state = torch.load(path, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle's errors are many; all mean "not ours"
+    except Exception as exc:  # pickle's errors are many; all mean "not ours"
         raise ResumeError(f"{path}: refused to load ({type(exc).__name__}: {exc}). orpo-ds RNG files hold "
                           f"only tensors and numbers; this one holds other objects (an older orpo-ds, or not "
                           f"orpo-ds's file). Export the checkpoint instead, or start a new run") from exc
@@ -257,7 +261,7 @@ def load_rank_state(ckpt: Path, rank: int) -> None:
 def commit_save(tmp: Path, state: TrainerState, keep: int, hf_files_from=None) -> Path:
     """Rank 0, after every rank has written into ``tmp``: add the trainer state, rename the folder into
     place, then move the ``latest`` pointer, then prune old checkpoints."""
-    (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2, default=str))
+    (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2, default=str))
     if hf_files_from is not None:
         hf_files_from(tmp / "hf")
     fault_point("kill_before_commit", state.step)
@@ -266,9 +270,7 @@ def commit_save(tmp: Path, state: TrainerState, keep: int, hf_files_from=None) -
     # A re-save of the same step (e.g. preempted right after a periodic save) keeps the old folder aside
     # until the new one is in place; latest_checkpoint reads that twin meanwhile.
     replace_dir(tmp, final)
-    pointer_tmp = root / f".{LATEST}.tmp"
-    pointer_tmp.write_text(final.name)
-    os.replace(pointer_tmp, root / LATEST)
+    atomic_write(root / LATEST, final.name)
     for old in prunable(root, final, keep):
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -288,41 +290,53 @@ def prunable(root: Path, committed: Path, keep: int) -> list[Path]:
 
 
 class CheckpointSaver:
-    """Saves and restores the run's state through :mod:`orpo_ds.checkpoint` (see its layout)."""
+    """Saves and restores the run's state through :mod:`orpo_ds.checkpoint` (see its layout), and decides
+    when to save (:meth:`maybe_save`)."""
 
-    def __init__(self, engine, policy, tokenizer, cfg: Config, info, identity: TrainerState):
-        self.engine, self.policy, self.tokenizer = engine, policy, tokenizer
-        self.cfg, self.info, self.identity = cfg, info, identity
-        self.out_dir = Path(cfg.train.output_dir)
-
-    def _state(self, step: int, epoch: int) -> TrainerState:
-        return dataclasses.replace(self.identity, step=step, epoch=epoch)
+    def __init__(self, engine, policy, tokenizer, t: TrainConfig, info):
+        self.engine, self.policy, self.tokenizer, self.info = engine, policy, tokenizer, info
+        self.out_dir, self.save_steps, self.keep = Path(t.output_dir), t.save_steps, t.keep_checkpoints
 
     def _write_hf_files(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.policy.causal_lm.config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
-    def save(self, step: int, epoch: int) -> None:
+    def save(self, state: TrainerState) -> None:
+        """Collective: every rank writes its part, then rank 0 commits the checkpoint of ``state.step``."""
         if self.info.is_main:
-            begin_save(self.out_dir, step)
+            begin_save(self.out_dir, state.step)
         eng_lib.barrier()
-        tmp = temp_dir(self.out_dir, step)
+        tmp = temp_dir(self.out_dir, state.step)
         self.engine.save(tmp / "ds")
         write_rank_state(tmp, self.info.rank)
         eng_lib.barrier()
         if self.info.is_main:
-            final = commit_save(tmp, self._state(step, epoch), self.cfg.train.keep_checkpoints,
-                                         hf_files_from=self._write_hf_files)
-            print(f"[checkpoint] step {step} -> {final}", flush=True)
+            final = commit_save(tmp, state, self.keep, hf_files_from=self._write_hf_files)
+            print(f"[checkpoint] step {state.step} -> {final}", flush=True)
         eng_lib.barrier()
 
-    def resume(self, ckpt: Path, log: MetricsLog) -> int:
-        """Load a checkpoint that :func:`check_compatible` accepted; returns its step."""
-        state = read_state(ckpt)
+    def maybe_save(self, state: TrainerState, *, last_step: int, stop_code: int | None) -> None:
+        """The checkpoint policy, after each step: on a stop request (preemption, Ctrl-C) save and raise
+        :class:`Preempted` with its exit code; else every ``train.save_steps`` steps, except the last one
+        (the end of the run saves after its final eval)."""
+        fault_point("kill_after_step", state.step)
+        if stop_code is not None:
+            self.save(state)
+            why = "interrupted" if stop_code == EXIT_INTERRUPTED else "preempted"
+            raise Preempted(f"{why}: checkpoint saved at step {state.step}; rerun the same command to resume",
+                            exit_code=stop_code)
+        if self.save_steps and state.step % self.save_steps == 0 and state.step < last_step:
+            self.save(state)
+
+    def resume(self, ckpt: Path, log: MetricsLog, identity: TrainerState) -> TrainerState:
+        """Load a checkpoint that :func:`check_compatible` accepted against ``identity`` (this run's
+        :func:`run_identity`); returns this run's state at the checkpoint's progress."""
+        saved = read_state(ckpt)
         self.engine.load(ckpt / "ds")
         load_rank_state(ckpt, self.info.rank)
-        log.truncate_after(state.step)
+        log.truncate_after(saved.step)
         if self.info.is_main:
-            print(f"[checkpoint] resumed from {ckpt} at step {state.step}", flush=True)
-        return state.step
+            print(f"[checkpoint] resumed from {ckpt} at step {saved.step}", flush=True)
+        return dataclasses.replace(identity, step=saved.step, epoch=saved.epoch, eval_before=saved.eval_before,
+                                   eval_after=saved.eval_after)

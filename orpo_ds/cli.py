@@ -11,7 +11,6 @@ import sys
 
 from orpo_ds.config import ConfigError, load_config
 from orpo_ds.data import DataError
-
 from orpo_ds.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: F401 - documented exit codes
 
 EXIT_CONFIG_ERROR = 2  # bad config, bad data or an unsafe output folder, reported without a traceback
@@ -97,7 +96,7 @@ def _exit_code_for(exc: Exception) -> int:
     from orpo_ds.checkpoint import ResumeError
     from orpo_ds.preemption import Preempted
     from orpo_ds.safe_files import UnsafeOutputError
-    from orpo_ds.train import NonFiniteLossError
+    from orpo_ds.step import NonFiniteLossError
 
     if isinstance(exc, Preempted):
         print(f"orpo-ds: {exc}", file=sys.stderr)

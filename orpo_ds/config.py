@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "flex_attention", "eager")
+LIGER_KERNELS = ("auto", "on", "off")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -39,6 +40,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     trainable_layers: int | None = None  # train only the last N decoder layers (+ final norm); None: all
+    # Liger's RMSNorm/SwiGLU/RoPE kernels and fused head (orpo_ds.liger). auto: on where CUDA and liger-kernel
+    # exist and Liger patches the architecture, else off | on: an error where it cannot run | off.
+    # YAML true/false mean on/off.
+    liger_kernels: str = field(default="auto", metadata={"bool_as": {True: "on", False: "off"}})
 
     def __post_init__(self):
         _require(bool(self.name_or_path), "model.name_or_path",
@@ -47,6 +52,8 @@ class ModelConfig:
                  f"must be >= 1 or null (train every layer), got {self.trainable_layers}")
         _require(self.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
                  f"{self.attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        _require(self.liger_kernels in LIGER_KERNELS, "model.liger_kernels",
+                 f"{self.liger_kernels!r} is not one of {', '.join(LIGER_KERNELS)} (or YAML true/false)")
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,8 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, "train.max_steps", f"must be >= 0 (0 = run train.epochs), got {self.max_steps}")
-        _require(self.micro_batch_tokens >= 2, "train.micro_batch_tokens", f"must be >= 2, got {self.micro_batch_tokens}")
+        _require(self.micro_batch_tokens >= 2, "train.micro_batch_tokens",
+                 f"must be >= 2, got {self.micro_batch_tokens}")
         _require(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
@@ -178,7 +186,8 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field annotation (as a string under ``from __future__``), coercing ints
     to floats and lists to tuples; raise ConfigError naming ``key`` otherwise."""
-    hint = eval(annotation, {"tuple": tuple}) if isinstance(annotation, str) else annotation  # noqa: S307 - our own annotations
+    # eval of our own dataclasses' annotations only, never of user input
+    hint = eval(annotation, {"tuple": tuple}) if isinstance(annotation, str) else annotation
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -190,7 +199,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         items = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ConfigError(f"{key}: expected a list of {len(items)}, got {value!r}")
-        return tuple(_coerce(key, v, t) for v, t in zip(value, items))
+        return tuple(_coerce(key, v, t) for v, t in zip(value, items, strict=True))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

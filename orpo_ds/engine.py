@@ -230,7 +230,8 @@ def make_optimizer(module: torch.nn.Module, t: TrainConfig, ds_config: dict[str,
     return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=True)
 
 
-def make_lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig,
+                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``train.warmup_steps``, then cosine / linear decay to 0 or constant.
 
     The factor at scheduler step ``s`` is ``(s + 1) / (warmup + 1)`` during warmup, so the first update
@@ -260,6 +261,7 @@ class Engine:
         self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         self.module = self.engine.module
+        self._undo_averaging = self.engine.gradient_accumulation_steps() * self.engine.dp_world_size
         # DeepSpeed's fp32 ZeRO-0 path clips with a norm it does not keep, so we measure that one ourselves.
         self._measure_grad_norm = zero_stage(ds_config) == 0 and not ds_config["bf16"]["enabled"]
         self._measured_grad_norm: float | None = None
@@ -268,8 +270,14 @@ class Engine:
         return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """DeepSpeed scales by 1/gradient_accumulation_steps and averages gradients over ranks."""
-        self.engine.backward(loss)
+        """Accumulate the gradient of ``loss``, this micro-batch's share of the step's loss: after the
+        step's last backward the gradients are exactly those of the step's (globally normalised) loss.
+
+        DeepSpeed divides each backward by ``gradient_accumulation_steps`` and averages the gradients over
+        the data-parallel ranks; the loss normalises by the step's global counts itself, so both are
+        undone here.
+        """
+        self.engine.backward(loss * self._undo_averaging)
 
     def step(self) -> bool:
         """Call after each micro-batch's backward; the update happens at the step's last micro-batch.

@@ -46,7 +46,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_
              for k, v in eng_lib.consolidate_zero_checkpoint(ckpt / "ds").items()}
     config = AutoConfig.from_pretrained(ckpt / "hf")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:

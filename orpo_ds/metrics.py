@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from orpo_ds.safe_files import atomic_write
+
 
 class MetricsLog:
     """Appends one JSON object per line and flushes it, so a crash loses no logged step."""
@@ -24,22 +26,13 @@ class MetricsLog:
                 f.write(json.dumps(clean) + "\n")
         return record
 
-    def logged_eval(self, step: int) -> dict | None:
-        """The held-out eval record logged at ``step`` by an earlier run of this job (main rank only)."""
-        if not (self.enabled and self.path.is_file()):
-            return None
-        found = [r for r in read_metrics(self.path)
-                 if r.get("step") == step and any(k.startswith("eval/") for k in r)]
-        return found[-1] if found else None
-
     def truncate_after(self, step: int) -> None:
         """On resume: drop records of steps after the checkpoint; those steps run again. A torn last line
-        (a write cut by a full disk or a kill) is dropped too, with a warning."""
+        (a write cut by a full disk or a kill) is dropped too, with a warning. Atomic: a kill mid-way leaves
+        the old log whole."""
         if self.enabled and self.path.is_file():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(self.path)
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def start_fresh(self) -> None:
         """A run that resumes nothing: an earlier log here (a run that never saved a checkpoint, or one

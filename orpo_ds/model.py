@@ -2,20 +2,23 @@
 
 Under ZeRO-3 the LM head weight is partitioned (numel 0) outside a forward that the engine hooks. So
 the head runs *inside* :meth:`PolicyWithChunkedHead.forward`, and ``engine.register_external_parameter``
-tells ZeRO-3 that this forward reads ``lm_head.weight``.
+tells ZeRO-3 that this forward reads ``lm_head.weight``. The head is the torch chunked kernel, or on CUDA
+Liger's fused linear cross-entropy (``model.liger_kernels``, :mod:`orpo_ds.liger`); both read that
+gathered weight inside this forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import torch
 from torch import nn
 
 from orpo_ds import engine as eng_lib
+from orpo_ds import liger as liger_lib
 from orpo_ds.config import ConfigError, ModelConfig
 from orpo_ds.logps import chunked_token_logps
-
 
 # Attention backends that take a packed row's boundaries as flash-attn varlen arguments.
 VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
@@ -28,6 +31,13 @@ def resolve_attn_implementation(requested: str) -> str:
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def final_logit_scale(config) -> float:
+    """The factor a model's causal-LM forward multiplies its logits by: Cohere's ``logit_scale``, or one
+    over Granite's ``logits_scaling`` (its forward divides by it); 1.0 for most models."""
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    return scale / float(getattr(config, "logits_scaling", None) or 1.0)
 
 
 def train_top_layers_only(causal_lm: nn.Module, num_layers: int) -> None:
@@ -64,14 +74,19 @@ class PolicyWithChunkedHead(nn.Module):
     # dict are the model's own keys under this prefix.
     STATE_PREFIX = "causal_lm."
 
-    def __init__(self, causal_lm: nn.Module, chunk_size: int = 1024):
+    def __init__(self, causal_lm: nn.Module, chunk_size: int = 1024,
+                 liger: liger_lib.LigerChoice = liger_lib.LIGER_OFF):
         super().__init__()
         self.causal_lm = causal_lm
         self.chunk_size = chunk_size
         config = causal_lm.config
-        # Final-logit transforms some architectures define (Gemma-2 soft-capping, Cohere's scale).
+        # Final-logit transforms some architectures define (Gemma-2 soft-capping, Cohere/Granite scales).
         self.softcap = getattr(config, "final_logit_softcapping", None)
-        self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0)
+        self.logit_scale = final_logit_scale(config)
+        if liger.head and self.logit_scale != 1.0:
+            raise ValueError(f"Liger's fused linear cross-entropy has no logit scale; this model scales its "
+                             f"logits by {self.logit_scale:g}")
+        self.liger = liger  # the kernels this policy runs (build_policy patched the body's layers)
 
     @property
     def head(self) -> nn.Linear:
@@ -103,6 +118,9 @@ class PolicyWithChunkedHead(nn.Module):
         hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **varlen).last_hidden_state
         selected = hidden[0][head_mask]  # [M, H]
         head = self.head
+        if self.liger.head:
+            return liger_lib.liger_token_logps(selected, head.weight, labels[head_mask], bias=head.bias,
+                                               softcap=self.softcap)
         return chunked_token_logps(selected, head.weight, labels[head_mask], bias=head.bias,
                                    logit_scale=self.logit_scale, softcap=self.softcap,
                                    chunk_size=self.chunk_size)
@@ -111,23 +129,31 @@ class PolicyWithChunkedHead(nn.Module):
 def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_size: int):
     """Load ``model.name_or_path`` (partitioned while loading under ZeRO-3) and wrap it in the policy.
 
-    Returns ``(policy, keepalive)``: keep ``keepalive`` referenced for the run (see
-    :func:`orpo_ds.engine.load_pretrained`).
+    With ``model.liger_kernels`` resolved on, the body's layers run Liger's kernels and the head its fused
+    cross-entropy (``policy.liger`` says which and why). Returns ``(policy, keepalive)``: keep ``keepalive``
+    referenced for the run (see :func:`orpo_ds.engine.load_pretrained`).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     attn = resolve_attn_implementation(m.attn_implementation)
     try:
+        # Liger is decided from the config, before the weights load: an impossible model.liger_kernels=on
+        # fails in seconds rather than after the load.
+        config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        liger = liger_lib.resolve(m.liger_kernels, config, device_type=eng_lib.comm_device().type,
+                                  logit_scale=final_logit_scale(config))
         model, keepalive = eng_lib.load_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
             m.name_or_path, dtype=dtype, attn_implementation=attn, trust_remote_code=m.trust_remote_code), ds_config)
     except OSError as exc:  # the tokenizer loaded, but the weights are missing or unreadable
         raise ConfigError(f"model.name_or_path: cannot load the model weights of {m.name_or_path!r} "
                           f"({str(exc).splitlines()[0]})") from exc
     model.config.use_cache = False
+    if liger.layers:
+        liger = dataclasses.replace(liger, note=f"{liger.note}; {liger_lib.patch_model(model)} modules patched")
     if m.trainable_layers is not None:
         train_top_layers_only(model, m.trainable_layers)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = PolicyWithChunkedHead(model, chunk_size=chunk_size)
+    policy = PolicyWithChunkedHead(model, chunk_size=chunk_size, liger=liger)
     eng_lib.register_external_parameter(policy, policy.head.weight)
     return policy, keepalive

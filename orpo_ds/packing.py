@@ -3,14 +3,15 @@
 Pipeline (all pure: no torch.distributed, engine, config object or logging in here)::
 
     pairs ─layout.num_tokens─► pack_pairs ─► bins ─► plan_steps ─► steps[step][rank] = bin or None
-                                              └─► build_row(pairs of a bin) ─► PackedRow ─► collate
+                                              └─► build_row(pairs of a bin) ─► PackedRow
 
 * :func:`pack_pairs` puts pairs into bins of at most ``micro_batch_tokens`` tokens (best-fit-decreasing). A
   pair is the unit of packing, so its chosen and rejected sequences always land in the same row.
 * :func:`plan_steps` deals the bins of each optimizer step to ranks and micro-batch slots, filling the
-  last step's empty slots with ``None`` (the trainer runs ``orpo_ds.batch.dummy_micro_batch`` there: ZeRO-3 needs every rank in every pass).
-* :func:`build_row` lays the pairs of one bin out in one row (batch dim 1, no padding) and
-  :func:`collate` turns it into tensors. The model runs on it with ``position_ids`` and
+  last step's empty slots with ``None`` (``orpo_ds.batch.micro_batches`` runs a dummy micro-batch there:
+  ZeRO-3 needs every rank in every pass).
+* :func:`build_row` lays the pairs of one bin out in one row (batch dim 1, no padding), and
+  ``orpo_ds.batch.prepare_micro_batch`` turns it into tensors. The model runs on it with ``position_ids`` and
   ``use_cache=False`` and *no* attention mask: transformers then finds the sequence boundaries where the
   position ids stop increasing by 1 (sdpa/eager/flex) or derives ``cu_seqlens`` from them (flash).
 
@@ -47,8 +48,8 @@ Layouts. A :class:`PairLayout` decides how a pair's tokens sit in a row: it repo
 (what the packer budgets) and emits :class:`Segment` objects (what the row builder concatenates). A later
 ``SharedPrefixLayout`` (prompt once; chosen after it; rejected with position ids continuing from the
 prompt end) slots in as another layout: it emits its own segments and sets ``needs_attention_mask``, and
-only :func:`build_row`/:func:`collate` learn to turn that into a block mask. The callers of
-:func:`pack_pairs` and :func:`collate` do not change.
+only :func:`build_row` and ``prepare_micro_batch`` learn to turn that into a block mask. The callers of
+:func:`pack_pairs` and ``prepare_micro_batch`` do not change.
 """
 
 from __future__ import annotations
@@ -61,54 +62,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import torch
+
+from orpo_ds.data.pairs import TokenizedPair  # the input, made by the data pipeline
+from orpo_ds.logps import IGNORE_INDEX  # the label the log-prob head skips
 
 __all__ = [
-    "IGNORE_INDEX", "TokenizedPair", "Segment", "PairLayout", "SeparateSequencesLayout",
-    "DEFAULT_LAYOUT", "PackedRow", "pack_pairs", "packing_efficiency", "plan_steps", "build_row",
-    "collate",
+    "Segment", "PairLayout", "SeparateSequencesLayout", "DEFAULT_LAYOUT", "PackedRow", "pack_pairs",
+    "packing_efficiency", "plan_steps", "StepPlan", "plan_epoch", "plan_run", "build_row",
 ]
 
-IGNORE_INDEX = -100
-
 _FIX = "raise train.micro_batch_tokens to >= {n} or lower data.max_length"
-
-
-# --------------------------------------------------------------------------------------------- input
-
-
-@dataclass(frozen=True)
-class TokenizedPair:
-    """One preference pair, tokenized. Produced by the data pipeline.
-
-    Attributes:
-        pair_id: index of the source row in the dataset (for error messages and logs).
-        prompt_ids: prompt tokens; may be empty.
-        chosen_ids: chosen response tokens, non-empty, closed by EOS (unless truncation cut the response:
-            like TRL, a cut response carries no EOS, so the model is not taught to stop mid-answer).
-        rejected_ids: rejected response tokens, same rules.
-    """
-
-    pair_id: int
-    prompt_ids: tuple[int, ...]
-    chosen_ids: tuple[int, ...]
-    rejected_ids: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        # Lists are accepted for convenience and frozen into tuples (the dataclass is hashable then).
-        for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(value))
-        for name in ("chosen_ids", "rejected_ids"):
-            # Each response needs at least one predicted token, or its average log-prob is 0/0 = NaN.
-            # Without a prompt the first response token is not predicted by anything.
-            n_scored = len(getattr(self, name)) - (0 if self.prompt_ids else 1)
-            if n_scored < 1:
-                raise ValueError(
-                    f"pair {self.pair_id}: {name} has {len(getattr(self, name))} token(s) and the prompt "
-                    f"{len(self.prompt_ids)}, which leaves no response token to score; a response needs "
-                    f">= 1 token after a non-empty prompt, >= 2 without one")
 
 
 # -------------------------------------------------------------------------------------------- layout
@@ -328,8 +291,9 @@ def plan_steps(bin_num_tokens: Sequence[int], world_size: int,
         world_size, grad_accum: ranks, and micro-batches per rank per step.
     Returns:
         ``steps[step][rank]`` = exactly ``grad_accum`` bin indices. ``None`` (only in the last step, after
-        the rank's real bins) marks a slot with no bin: run ``orpo_ds.batch.dummy_micro_batch`` there, since every rank must
-        make ``grad_accum`` forward/backward passes for ZeRO-3's collectives. Every bin is used once.
+        the rank's real bins) marks a slot with no bin: ``orpo_ds.batch.micro_batches`` runs a dummy
+        micro-batch there, since every rank must make ``grad_accum`` forward/backward passes for ZeRO-3's
+        collectives. Every bin is used once.
     """
     _check_int_at_least("world_size", world_size, 1)
     _check_int_at_least("grad_accum", grad_accum, 1)
@@ -341,7 +305,46 @@ def plan_steps(bin_num_tokens: Sequence[int], world_size: int,
             for start in range(0, len(tokens), slots)]
 
 
-# ------------------------------------------------------------------------------- row building, collate
+@dataclass(frozen=True)
+class StepPlan:
+    """The rows of one optimizer step: ``rows[rank]`` lists ``grad_accum`` slots, each the pair indices of
+    one packed row, or ``None`` where that rank has no row (it runs a dummy micro-batch)."""
+
+    epoch: int
+    rows: list[list[list[int] | None]]
+
+    def filled_rows(self) -> list[list[int]]:
+        """The real rows of the step, every rank's, in rank order."""
+        return [row for rank_rows in self.rows for row in rank_rows if row is not None]
+
+    @property
+    def num_filled_rows(self) -> int:
+        return len(self.filled_rows())
+
+
+def plan_epoch(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
+               seed: int, epoch: int, layout: PairLayout = DEFAULT_LAYOUT) -> list[StepPlan]:
+    """Pack one epoch's pairs into rows and deal the rows to steps and ranks: a deterministic function of
+    its arguments, so every rank computes the same plan with no communication."""
+    lengths = [layout.num_tokens(p) for p in pairs]
+    bins = pack_pairs(lengths, micro_batch_tokens, seed=seed, epoch=epoch, pair_ids=[p.pair_id for p in pairs])
+    bin_tokens = [sum(lengths[i] for i in b) for b in bins]
+    return [StepPlan(epoch, [[bins[b] if b is not None else None for b in rank_slots] for rank_slots in step])
+            for step in plan_steps(bin_tokens, world_size, grad_accum)]
+
+
+def plan_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
+             seed: int, epochs: int, max_steps: int = 0) -> list[StepPlan]:
+    """The whole run's steps: ``epochs`` epochs (each packed afresh), cut at ``max_steps`` when > 0."""
+    steps: list[StepPlan] = []
+    for epoch in range(epochs):
+        steps += plan_epoch(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epoch=epoch)
+        if max_steps and len(steps) >= max_steps:
+            break
+    return steps[:max_steps] if max_steps else steps
+
+
+# ------------------------------------------------------------------------------- row building
 
 
 @dataclass(frozen=True)
@@ -351,13 +354,16 @@ class PackedRow:
     Attributes:
         input_ids: ``[T]`` int64.
         position_ids: ``[T]`` int64, restarting at 0 for each sequence.
-        labels: ``[T]`` int64, ``input_ids[t + 1]`` when ``t + 1`` is in the same sequence, else -100.
+        labels: ``[T]`` int64, ``input_ids[t + 1]`` when ``t + 1`` is in the same sequence, else ``IGNORE_INDEX``.
         response_mask: ``[T]`` bool, True where ``labels[t]`` is a response token (EOS included).
         seq_id: ``[T]`` int64 in ``[0, S)``, non-decreasing.
         seq_pair_index: ``[S]`` int64, index of the sequence's pair within the row (``0..P-1``).
         seq_pair_id: ``[S]`` int64, ``TokenizedPair.pair_id``.
         seq_is_chosen: ``[S]`` bool.
         seq_lengths: ``[S]`` int64, sums to ``T``.
+        chosen_seq, rejected_seq: ``[P]`` int64, the sequence index of each pair's chosen / rejected
+            response, in pair order.
+        pair_ids: ``[P]`` int64, ``TokenizedPair.pair_id`` in pair order.
         num_pairs: ``P >= 1``.
     """
 
@@ -370,6 +376,9 @@ class PackedRow:
     seq_pair_id: np.ndarray
     seq_is_chosen: np.ndarray
     seq_lengths: np.ndarray
+    chosen_seq: np.ndarray
+    rejected_seq: np.ndarray
+    pair_ids: np.ndarray
     num_pairs: int
 
     def __post_init__(self) -> None:
@@ -382,6 +391,10 @@ class PackedRow:
         for name in ("seq_pair_index", "seq_pair_id", "seq_is_chosen"):
             if getattr(self, name).shape != s:
                 raise ValueError(f"PackedRow.{name} has shape {getattr(self, name).shape}, expected {s}")
+        for name in ("chosen_seq", "rejected_seq", "pair_ids"):
+            if getattr(self, name).shape != (self.num_pairs,):
+                raise ValueError(f"PackedRow.{name} has shape {getattr(self, name).shape}, expected "
+                                 f"({self.num_pairs},)")
         if int(self.seq_lengths.sum()) != t[0]:
             raise ValueError(f"PackedRow.seq_lengths sum to {int(self.seq_lengths.sum())}, not T={t[0]}")
 
@@ -410,12 +423,16 @@ def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOU
     segments: list[Segment] = []
     seq_pair_index: list[int] = []
     seq_pair_id: list[int] = []
+    chosen_seq: list[int] = []
+    rejected_seq: list[int] = []
     for index, pair in enumerate(pairs):
         pair_segments = layout.segments(pair)
         laid_out = sum(len(s.input_ids) for s in pair_segments)
         if laid_out != layout.num_tokens(pair):
             raise ValueError(f"{type(layout).__name__} laid out {laid_out} tokens for pair {pair.pair_id} "
                              f"but num_tokens says {layout.num_tokens(pair)}: the packer's budget is wrong")
+        for offset, segment in enumerate(pair_segments):
+            (chosen_seq if segment.is_chosen else rejected_seq).append(len(segments) + offset)
         segments.extend(pair_segments)
         seq_pair_index.extend([index] * len(pair_segments))
         seq_pair_id.extend([pair.pair_id] * len(pair_segments))
@@ -431,34 +448,8 @@ def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOU
         seq_pair_id=np.array(seq_pair_id, dtype=np.int64),
         seq_is_chosen=np.array([s.is_chosen for s in segments], dtype=bool),
         seq_lengths=seq_lengths,
+        chosen_seq=np.array(chosen_seq, dtype=np.int64),
+        rejected_seq=np.array(rejected_seq, dtype=np.int64),
+        pair_ids=np.array([p.pair_id for p in pairs], dtype=np.int64),
         num_pairs=len(pairs),
     )
-
-
-def collate(row: PackedRow, device: torch.device | str | None = None) -> dict[str, torch.Tensor | int]:
-    """Tensors for one micro-batch.
-
-    Returns:
-        ``input_ids`` and ``position_ids`` ``[1, T]`` int64 (batch dim 1, for the model); ``labels``,
-        ``seq_id`` ``[T]`` int64; ``response_mask`` ``[T]`` bool; ``seq_pair_index``, ``seq_pair_id``,
-        ``seq_lengths`` ``[S]`` int64; ``seq_is_chosen`` ``[S]`` bool; all on ``device``. ``num_pairs``
-        is a Python int, so global counts need no device sync.
-    """
-
-    def tensor(array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(array))
-        # Copy on the CPU too, so that in-place edits of a batch never reach the (frozen) row.
-        return t.to(device) if device is not None else t.clone()
-
-    return {
-        "input_ids": tensor(row.input_ids).unsqueeze(0),
-        "position_ids": tensor(row.position_ids).unsqueeze(0),
-        "labels": tensor(row.labels),
-        "response_mask": tensor(row.response_mask),
-        "seq_id": tensor(row.seq_id),
-        "seq_pair_index": tensor(row.seq_pair_index),
-        "seq_pair_id": tensor(row.seq_pair_id),
-        "seq_is_chosen": tensor(row.seq_is_chosen),
-        "seq_lengths": tensor(row.seq_lengths),
-        "num_pairs": row.num_pairs,
-    }

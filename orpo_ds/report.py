@@ -21,11 +21,11 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path:
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-    for ax, key in zip(axes, CURVES):
+    for ax, key in zip(axes, CURVES, strict=True):
         ax.plot([r["step"] for r in train], [r[key] for r in train], label="train", lw=1.5)
         points = [(r["step"], r[f"eval/{key}"]) for r in evals if r.get(f"eval/{key}") is not None]
         if points:
-            ax.plot(*zip(*points), "o", label="held-out", ms=5)
+            ax.plot(*zip(*points, strict=True), "o", label="held-out", ms=5)
         ax.set_title(key)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

@@ -107,11 +107,11 @@ class OutputDirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as exc:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise UnsafeOutputError(f"train.output_dir {str(self.path.parent)!r} is in use by another run "
-                                    f"({holder}); wait for it, or give this run its own train.output_dir")
+                                    f"({holder}); wait for it, or give this run its own train.output_dir") from exc
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
         self._fd = fd

@@ -1,154 +1,45 @@
-"""The ORPO training loop, top to bottom: data -> packing plan -> model -> engine -> steps -> export.
+"""The ORPO training run, top to bottom: start-up -> steps -> final eval, checkpoint and export.
 
-A global optimizer step is ``train.grad_accum`` micro-batches on each rank; one micro-batch is one packed
-row of at most ``train.micro_batch_tokens`` tokens. The loss is normalised by the step's global NLL-token
-and pair counts, all-reduced before the first forward pass of the step (DESIGN.md section 2).
+:func:`start_run` builds what the loop needs, in an order that refuses bad input before expensive work;
+:func:`run_training` is the loop, which delegates each concern to its owner: one optimizer step to
+:mod:`orpo_ds.step`, held-out evaluation to :class:`orpo_ds.evaluate.Evaluator`, checkpoints and
+preemption to :class:`orpo_ds.checkpoint.CheckpointSaver`, the step's record to
+:class:`orpo_ds.step.StepRecorder`, non-finite losses to :class:`orpo_ds.step.NonFiniteGuard`.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from orpo_ds import checkpoint as ckpt_lib
 from orpo_ds import engine as eng_lib
-from orpo_ds.batch import MicroBatch, dummy_micro_batch, micro_batch_loss, prepare_micro_batch
+from orpo_ds.batch import MicroBatch, micro_batches
 from orpo_ds.config import Config, ConfigError, dump_config
-from orpo_ds.data import DataError, load_records, tokenize_pairs
-from orpo_ds.evaluate import evaluate_pairs
-from orpo_ds.flops import peak_flops, step_flops
-from orpo_ds.loss import STAT_KEYS, orpo_metrics
-from orpo_ds.metrics import MetricsLog, progress_bar
-from orpo_ds.model import build_policy
-from orpo_ds.packing import DEFAULT_LAYOUT, TokenizedPair, build_row, pack_pairs, plan_steps
-from orpo_ds.preemption import EXIT_INTERRUPTED, Preempted, PreemptionSignal
-from orpo_ds.report import before_after_table, plot_metrics
+from orpo_ds.data import DataError, TokenizedPair, load_records, tokenize_pairs
+from orpo_ds.evaluate import Evaluator
 from orpo_ds.export import export_trained
-from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, check_export_target
-
-LAYOUT = DEFAULT_LAYOUT
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """The micro-batches of one optimizer step: ``rows[rank]`` lists grad_accum entries, each a list of
-    pair indices (one packed row) or None (a dummy micro-batch)."""
-
-    epoch: int
-    rows: list[list[list[int] | None]]
+from orpo_ds.flops import peak_flops
+from orpo_ds.metrics import MetricsLog, progress_bar
+from orpo_ds.model import PolicyWithChunkedHead, build_policy
+from orpo_ds.packing import StepPlan, plan_run
+from orpo_ds.preemption import PreemptionSignal
+from orpo_ds.report import before_after_table, plot_metrics
+from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, atomic_write, check_export_target
+from orpo_ds.step import NonFiniteGuard, StepRecorder, train_step
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def plan_epoch(pairs: list[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int,
-               seed: int, epoch: int) -> list[StepPlan]:
-    """Pack the epoch's pairs into rows and deal the rows out to ranks, identically on every rank."""
-    lengths = [LAYOUT.num_tokens(p) for p in pairs]
-    bins = pack_pairs(lengths, micro_batch_tokens, seed=seed, epoch=epoch, pair_ids=[p.pair_id for p in pairs])
-    bin_tokens = [sum(lengths[i] for i in b) for b in bins]
-    return [StepPlan(epoch, [[bins[b] if b is not None else None for b in rank_slots] for rank_slots in step])
-            for step in plan_steps(bin_tokens, world_size, grad_accum)]
-
-
-def plan_run(pairs: list[TokenizedPair], cfg: Config, world_size: int) -> list[StepPlan]:
-    t = cfg.train
-    steps: list[StepPlan] = []
-    for epoch in range(t.epochs):
-        steps += plan_epoch(pairs, t.micro_batch_tokens, world_size, t.grad_accum, t.seed, epoch)
-        if t.max_steps and len(steps) >= t.max_steps:
-            break
-    return steps[: t.max_steps] if t.max_steps else steps
-
-
-def step_shape(plan: StepPlan, pairs: list[TokenizedPair], nll_on_prompt: bool) -> tuple[list[int], int]:
-    """Sequence lengths of the whole step (every rank) and the positions that reach the head, from the
-    plan on the host: what :func:`orpo_ds.flops.step_flops` needs, with no collective."""
-    lengths, head_positions = [], 0
-    for rank_rows in plan.rows:
-        for row in rank_rows:
-            for p in (pairs[i] for i in row or ()):
-                prompt = len(p.prompt_ids)
-                lengths += [prompt + len(p.chosen_ids), prompt + len(p.rejected_ids)]
-                head_positions += len(p.chosen_ids) + len(p.rejected_ids) + (prompt if nll_on_prompt else 0)
-    return lengths, head_positions
-
-
-def micro_batches_for(plan: StepPlan, rank: int, pairs: list[TokenizedPair], nll_on_prompt: bool,
-                      pad_token_id: int, device: torch.device) -> list[MicroBatch]:
-    return [dummy_micro_batch(pad_token_id, device) if row is None else
-            prepare_micro_batch(build_row([pairs[i] for i in row], LAYOUT), nll_on_prompt=nll_on_prompt,
-                                device=device)
-            for row in plan.rows[rank]]
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimizer steps had a non-finite loss."""
-
-
-def run_micro_batches(engine, mbs: list[MicroBatch], cfg: Config, world_size: int) -> dict[str, float]:
-    """Forward, backward and step over this rank's micro-batches of one optimizer step.
-
-    The host reads twice per step, never per micro-batch: the global pair and NLL-token counts before
-    the first forward (the loss divides by them), and the step's stats, stacked on the device and
-    reduced once, after the update. A non-finite loss therefore does not stop the step: its gradients
-    are kept out of the update by the engine's guard (:meth:`Engine.step` returns False).
-
-    Returns the step's stats summed over all ranks, plus ``tokens``, ``nonfinite_losses`` (micro-batches
-    whose loss was not finite, all ranks), ``skipped`` (1.0 when the update was not applied, the same on
-    every rank) and this rank's ``nonfinite_pair_ids``.
-    """
-    counts = torch.tensor([sum(mb.num_pairs for mb in mbs), sum(mb.num_nll_tokens for mb in mbs)], dtype=torch.float64)
-    global_pairs, global_nll_tokens = (max(int(v), 1) for v in eng_lib.reduce_to_host(counts))
-    # DeepSpeed divides each backward by grad_accum and averages gradients over ranks; undo both so the
-    # step's gradient is exactly the gradient of the globally normalised loss.
-    backward_scale = world_size * cfg.train.grad_accum
-    device = mbs[0].input_ids.device
-    sums = torch.zeros(len(STAT_KEYS) + 2, dtype=torch.float64, device=device)  # stats, tokens, non-finite
-    finite_flags, applied = [], False
-    for mb in mbs:
-        token_logps = engine(**mb.model_inputs())
-        loss, stats = micro_batch_loss(token_logps, mb, beta=cfg.loss.beta, global_pairs=global_pairs,
-                                       global_nll_tokens=global_nll_tokens)
-        finite = torch.isfinite(loss.detach())
-        finite_flags.append(finite)
-        engine.backward(loss * backward_scale)
-        applied = engine.step()
-        if stats:
-            sums[: len(STAT_KEYS)] += torch.stack([stats[k] for k in STAT_KEYS]).double()
-        sums[-2] += mb.num_tokens
-        sums[-1] += (~finite).double()
-    totals = eng_lib.reduce_to_host(sums)
-    out = dict(zip(STAT_KEYS, totals[: len(STAT_KEYS)]))
-    out["tokens"], out["nonfinite_losses"] = totals[-2], totals[-1]
-    out["skipped"] = float(not applied)
-    bad_pairs = []
-    if out["nonfinite_losses"]:  # rare: a host read per micro-batch only to name the pairs
-        bad_pairs = [i for mb, ok in zip(mbs, eng_lib.host_values(torch.stack(finite_flags))) if not ok
-                     for i in mb.pair_ids.tolist()]
-    out["nonfinite_pair_ids"] = bad_pairs
-    return out
-
-
-def evaluate(engine, pairs: list[TokenizedPair], cfg: Config, info, pad_token_id: int) -> dict[str, float]:
-    """Held-out metrics under ``eval/`` names, through the engine, no gradients."""
-    engine.eval()
-    metrics = evaluate_pairs(engine, pairs, micro_batch_tokens=cfg.train.micro_batch_tokens, beta=cfg.loss.beta,
-                             nll_on_prompt=cfg.loss.nll_on_prompt, pad_token_id=pad_token_id, rank=info.rank,
-                             world_size=info.world_size, device=info.device)
-    engine.release_gathered()
-    engine.train()
-    return {f"eval/{k}": v for k, v in metrics.items()}
 
 
 def raise_if_any_rank_failed(error: Exception | None, elsewhere: Exception) -> None:
@@ -201,7 +92,8 @@ def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]
                     print(f"[data] {source}: {report.summary()}", flush=True)
             except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
                 error = exc
-        raise_if_any_rank_failed(error, DataError(f"data: {source} failed to load on another rank (see rank 0's error)"))
+        raise_if_any_rank_failed(error, DataError(f"data: {source} failed to load on another rank (see rank 0's "
+                                                  f"error)"))
     if not pairs:
         raise DataError(f"data: no usable pairs in {source}")
     return pairs
@@ -227,108 +119,131 @@ def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: 
     return resume_from
 
 
-def run_training(cfg: Config) -> dict[str, float]:
-    preemption = PreemptionSignal()  # first: a signal during start-up must not kill the rank
-    info = eng_lib.init_distributed()
-    seed_everything(cfg.train.seed)
-    out_dir = Path(cfg.train.output_dir)
-    _lock = lock_output_dir(out_dir, info)  # held until the process exits
-    if cfg.train.export:  # refuse now rather than after hours of training
+@dataclass
+class Run:
+    """What the loop works with, built by :func:`start_run`."""
+
+    cfg: Config
+    info: eng_lib.DistInfo
+    steps: list[StepPlan]
+    train_pairs: list[TokenizedPair]
+    pad_token_id: int
+    tokenizer: Any
+    policy: PolicyWithChunkedHead
+    engine: eng_lib.Engine
+    saver: ckpt_lib.CheckpointSaver
+    evaluator: Evaluator
+    recorder: StepRecorder
+    log: MetricsLog
+    start: ckpt_lib.TrainerState  # step 0, or the state of the checkpoint resumed from
+    lock: OutputDirLock
+    keepalive: Any  # ZeRO-3's HfDeepSpeedConfig (orpo_ds.engine.load_pretrained): held for the run
+
+    def micro_batches(self, plan: StepPlan) -> list[MicroBatch]:
+        return micro_batches(plan.rows[self.info.rank], self.train_pairs, nll_on_prompt=self.cfg.loss.nll_on_prompt,
+                             pad_token_id=self.pad_token_id, device=self.info.device)
+
+
+def start_run(cfg: Config) -> Run:
+    """Join the process group and build the run: the folder lock and the export target are checked
+    first, then the config, tokenizer and data, then the output folder's resume state, and only then
+    are the model and engine built and a checkpoint loaded."""
+    t, info = cfg.train, eng_lib.init_distributed()
+    seed_everything(t.seed)
+    out_dir = Path(t.output_dir)
+    lock = lock_output_dir(out_dir, info)
+    if t.export:  # refuse now rather than after hours of training
         check_export_target(out_dir / "final", protected=[])
-    dtype = eng_lib.resolve_dtype(cfg.train, info)
-    ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), cfg.train, info.world_size, dtype)
+    dtype = eng_lib.resolve_dtype(t, info)
+    ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), t, info.world_size, dtype)
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)
     eval_pairs = load_pairs(cfg.data.eval, tokenizer, cfg, info) if cfg.data.eval else []
-    steps = plan_run(train_pairs, cfg, info.world_size)
+    steps = plan_run(train_pairs, t.micro_batch_tokens, info.world_size, t.grad_accum, seed=t.seed, epochs=t.epochs,
+                     max_steps=t.max_steps)
     identity = ckpt_lib.run_identity(cfg, info.world_size, train_pairs, tokenizer)
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
     resume_from = prepare_output_dir(cfg, info, identity, log)
 
-    policy, _keepalive = build_policy(cfg.model, ds_config, dtype, chunk_size=cfg.loss.chunk_size)
+    policy, keepalive = build_policy(cfg.model, ds_config, dtype, chunk_size=cfg.loss.chunk_size)
     model_config = policy.causal_lm.config
     # MFU against the bf16 table only in bf16: an fp32 run on a GPU needs train.peak_tflops to get one.
     device_name = torch.cuda.get_device_name(info.device) if info.on_gpu and dtype == torch.bfloat16 else None
-    peak = peak_flops(device_name, cfg.train.peak_tflops)
+    peak = peak_flops(device_name, t.peak_tflops)
     if info.is_main:
         print(f"[model] attention: {model_config._attn_implementation} (model.attn_implementation="
               f"{cfg.model.attn_implementation}); {dtype}; mfu: "
-              f"{f'peak {peak / 1e12:.0f} TFLOP/s per device' if peak else 'off (no known peak)'}", flush=True)
-    engine = eng_lib.Engine(policy, cfg.train, ds_config, total_steps=len(steps))
-    saver = ckpt_lib.CheckpointSaver(engine, policy, tokenizer, cfg, info, identity)
-    done_steps = saver.resume(resume_from, log) if resume_from else 0
-    # A requeued job whose last checkpoint is the final step already evaluated after training (the eval
-    # precedes that checkpoint): it reports the logged figures and re-exports, without logging them twice.
-    finished = bool(steps) and done_steps == len(steps)
-    summary: dict = {"resumed_from_step": done_steps}
-    if eval_pairs and cfg.train.eval_before:
-        summary["eval_before"] = (log.write({"step": 0, **evaluate(engine, eval_pairs, cfg, info, pad_id)})
-                                  if done_steps == 0 else log.logged_eval(0))
+              f"{f'peak {peak / 1e12:.0f} TFLOP/s per device' if peak else 'off (no known peak)'}; liger: "
+              f"{policy.liger}", flush=True)
+    engine = eng_lib.Engine(policy, t, ds_config, total_steps=len(steps))
+    saver = ckpt_lib.CheckpointSaver(engine, policy, tokenizer, t, info)
+    evaluator = Evaluator(engine, eval_pairs, every=t.eval_steps, total_steps=len(steps),
+                          micro_batch_tokens=t.micro_batch_tokens, beta=cfg.loss.beta,
+                          nll_on_prompt=cfg.loss.nll_on_prompt, pad_token_id=pad_id, rank=info.rank,
+                          world_size=info.world_size, device=info.device)
+    recorder = StepRecorder(beta=cfg.loss.beta, micro_batch_tokens=t.micro_batch_tokens, pairs=train_pairs,
+                            nll_on_prompt=cfg.loss.nll_on_prompt, model_config=model_config, peak_flops=peak,
+                            world_size=info.world_size)
+    start = saver.resume(resume_from, log, identity) if resume_from else identity
+    return Run(cfg=cfg, info=info, steps=steps, train_pairs=train_pairs, pad_token_id=pad_id, tokenizer=tokenizer,
+               policy=policy, engine=engine, saver=saver, evaluator=evaluator, recorder=recorder, log=log,
+               start=start, lock=lock, keepalive=keepalive)
 
-    engine.train()
-    bar = progress_bar(len(steps), enabled=info.is_main, initial=done_steps)
-    run_start, total_tokens, nonfinite_streak = time.perf_counter(), 0.0, 0
-    for step_index, plan in enumerate(steps, start=1):
-        if step_index <= done_steps:
+
+def run_training(cfg: Config) -> dict[str, Any]:
+    """Train, evaluate, checkpoint and export as ``cfg`` says; returns the run's summary (also written
+    to ``<output_dir>/summary.json``). Rerunning the same command resumes the run."""
+    preemption = PreemptionSignal()  # first: a signal during start-up must not kill the rank
+    run = start_run(cfg)
+    t, state, last_step = cfg.train, run.start, len(run.steps)
+    if run.evaluator.enabled and t.eval_before and state.step == 0:
+        state = replace(state, eval_before=run.log.write({"step": 0, **run.evaluator()}))
+    guard = NonFiniteGuard(t.max_nonfinite_steps, run.info.rank)
+    bar = progress_bar(last_step, enabled=run.info.is_main, initial=state.step)
+    summary: dict[str, Any] = {"resumed_from_step": state.step}
+    run.engine.train()
+    run_start, total_tokens = time.perf_counter(), 0.0
+    for step, plan in enumerate(run.steps, start=1):
+        if step <= state.step:
             continue
-        start = time.perf_counter()
-        lr = engine.lr  # the rate this step's update uses; the schedule advances inside the step
-        mbs = micro_batches_for(plan, info.rank, train_pairs, cfg.loss.nll_on_prompt, pad_id, info.device)
-        stats = run_micro_batches(engine, mbs, cfg, info.world_size)
-        seconds = time.perf_counter() - start
-        total_tokens += stats["tokens"]
-        real_rows = sum(row is not None for rank_rows in plan.rows for row in rank_rows)
-        record = {"step": step_index, "epoch": plan.epoch, **orpo_metrics(stats, cfg.loss.beta),
-                  "grad_norm": engine.grad_norm(), "lr": lr, "pairs": int(stats["pairs"]),
-                  "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / seconds,
-                  "packing_efficiency": stats["tokens"] / (real_rows * cfg.train.micro_batch_tokens),
-                  "step_s": seconds}
-        if peak:
-            lengths, head_positions = step_shape(plan, train_pairs, cfg.loss.nll_on_prompt)
-            record["mfu"] = step_flops(model_config, lengths, head_positions) / seconds / (peak * info.world_size)
-        troubled = bool(stats["skipped"] or stats["nonfinite_losses"])
-        nonfinite_streak = nonfinite_streak + 1 if troubled else 0
-        if troubled:
-            record.update(skipped=bool(stats["skipped"]), nonfinite_pair_ids=stats["nonfinite_pair_ids"])
-            if stats["nonfinite_pair_ids"]:
-                outcome = "update skipped" if stats["skipped"] else "its gradients were finite: update applied"
-                print(f"[rank {info.rank}] step {step_index}: non-finite loss, {outcome}; pair ids "
-                      f"{stats['nonfinite_pair_ids']}", file=sys.stderr, flush=True)
-        if eval_pairs and cfg.train.eval_steps and step_index % cfg.train.eval_steps == 0 and step_index < len(steps):
-            record.update(evaluate(engine, eval_pairs, cfg, info, pad_id))
-        if step_index % cfg.train.log_steps == 0 or step_index == len(steps) or troubled:
-            log.write(record)
+        lr, start = run.engine.lr, time.perf_counter()  # the rate this step's update uses
+        stats = train_step(run.engine, run.micro_batches(plan), beta=cfg.loss.beta)
+        record = run.recorder(step, plan, stats, lr=lr, grad_norm=run.engine.grad_norm(),
+                              seconds=time.perf_counter() - start)
+        record.update(guard.observe(step, stats))
+        if run.evaluator.due(step):
+            record.update(run.evaluator())
+        if step % t.log_steps == 0 or step == last_step or stats.troubled:
+            run.log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        summary["last"] = record
-        if nonfinite_streak >= cfg.train.max_nonfinite_steps:
-            raise NonFiniteLossError(f"{nonfinite_streak} consecutive steps (up to step {step_index}) had a "
-                                     f"non-finite loss; see the pair ids in metrics.jsonl. Check the data and "
-                                     f"the learning rate, or raise train.max_nonfinite_steps")
-        ckpt_lib.fault_point("kill_after_step", step_index)
-        stop_code = preemption.requested()
-        if stop_code is not None:
-            saver.save(step_index, plan.epoch)
-            why = "interrupted" if stop_code == EXIT_INTERRUPTED else "preempted"
-            raise Preempted(f"{why}: checkpoint saved at step {step_index}; rerun the same command to resume",
-                            exit_code=stop_code)
-        if cfg.train.save_steps and step_index % cfg.train.save_steps == 0 and step_index < len(steps):
-            saver.save(step_index, plan.epoch)
+        summary["last"], total_tokens = record, total_tokens + stats.tokens
+        guard.raise_if_exhausted()
+        state = replace(state, step=step, epoch=plan.epoch)
+        run.saver.maybe_save(state, last_step=last_step, stop_code=preemption.requested())
     bar.close()
     wall = time.perf_counter() - run_start
-    if eval_pairs:
-        summary["eval_after"] = (log.logged_eval(len(steps)) if finished else
-                                 log.write({"step": len(steps), **evaluate(engine, eval_pairs, cfg, info, pad_id)}))
-    if steps and not finished:
-        saver.save(len(steps), steps[-1].epoch)
-    summary["train_wall_s"] = wall
-    summary["tokens_per_s"] = total_tokens / wall if wall > 0 else 0.0
-    if cfg.train.export:
-        summary["export_dir"] = str(export_trained(engine, policy, tokenizer, out_dir / "final", info))
-    if info.is_main:
+    summary.update(train_wall_s=wall, tokens_per_s=total_tokens / wall if wall > 0 else 0.0)
+    return finish_run(run, state, summary)
+
+
+def finish_run(run: Run, state: ckpt_lib.TrainerState, summary: dict[str, Any]) -> dict[str, Any]:
+    """After the last step: the held-out eval, the final checkpoint, the export, the report; then the
+    process group is torn down."""
+    if run.evaluator.enabled and state.eval_after is None:
+        state = replace(state, eval_after=run.log.write({"step": len(run.steps), **run.evaluator()}))
+    if run.steps and state != run.start:  # a requeued finished run: its checkpoint already holds this state
+        run.saver.save(state)
+    summary.update({k: v for k, v in (("eval_before", state.eval_before), ("eval_after", state.eval_after)) if v})
+    out_dir = Path(run.cfg.train.output_dir)
+    if run.cfg.train.export:
+        summary["export_dir"] = str(export_trained(run.engine, run.policy, run.tokenizer, out_dir / "final", run.info))
+    if run.info.is_main:
         summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png"))
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         print(f"\n{before_after_table(summary)}\ncurves: {summary['plot']}", flush=True)
     eng_lib.barrier()
+    run.lock.release()
+    eng_lib.shutdown()
     return summary

@@ -38,3 +38,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_gpu)
         elif f"{os.sep}distributed{os.sep}" in path:
             item.add_marker(pytest.mark.dist)
+
+
+@pytest.fixture
+def restore_llama_module():
+    """Liger's instance patch also replaces modeling_llama's RMSNorm / MLP classes and its RoPE function
+    for the whole process; put them back so later tests build plain Llama models."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    yield modeling_llama
+    for name in set(vars(modeling_llama)) - set(saved):
+        delattr(modeling_llama, name)
+    for name, value in saved.items():
+        setattr(modeling_llama, name, value)

@@ -72,7 +72,8 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
-    return {"train": write_pairs(root / "train.jsonl", 96, seed=0), "eval": write_pairs(root / "eval.jsonl", 16, seed=1)}
+    return {"train": write_pairs(root / "train.jsonl", 96, seed=0),
+            "eval": write_pairs(root / "eval.jsonl", 16, seed=1)}
 
 
 def base_overrides(model: Path, data: dict[str, Path], out: Path, **extra) -> list[str]:

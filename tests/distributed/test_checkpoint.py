@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from orpo_ds.cli import EXIT_PREEMPTED
 from orpo_ds.metrics import read_metrics
 from tests.distributed.conftest import REPO, base_overrides, launch, launch_command, run_env, wait_for_logged_steps
-from tests.helpers.tokenizers import byte_ids
 from tests.helpers.synthetic import write_pairs
+from tests.helpers.tokenizers import byte_ids
 
 COMPARED = ["loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
             "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "lr", "pairs",
@@ -96,7 +96,8 @@ def test_requeue_of_a_finished_run_reports_without_training_or_logging_again(tin
 
 def test_sigusr1_checkpoints_exits_75_and_restart_continues(tiny_model, synthetic_data, tmp_path):
     out = tmp_path / "preempted"
-    args = _overrides(tiny_model, synthetic_data, out, **{"train.max_steps": 0, "train.epochs": 20, "train.save_steps": 0})
+    args = _overrides(tiny_model, synthetic_data, out,
+                      **{"train.max_steps": 0, "train.epochs": 20, "train.save_steps": 0})
     proc = subprocess.Popen(launch_command(args, 2), cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -154,7 +155,9 @@ def test_non_finite_batch_is_skipped_logged_and_training_goes_on(tiny_model, syn
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     out = tmp_path / "run"
-    extra = {"train.max_steps": 0} if ds_config == "zero3" else {"train.max_steps": 0, "deepspeed.config": REPO / "ds_configs" / "zero0.json"}
+    extra = {"train.max_steps": 0}
+    if ds_config != "zero3":
+        extra["deepspeed.config"] = REPO / "ds_configs" / "zero0.json"
     proc = launch(["train", *base_overrides(poisoned, {"train": data}, out, **extra)], ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _train_records(out)

@@ -8,8 +8,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orpo_ds.assets import prepare_assets
 from orpo_ds.metrics import read_metrics
+from orpo_ds.tools.assets import prepare_assets
 from tests.distributed.conftest import REPO, launch, run_env
 
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orpo_ds.config import load_config
 from orpo_ds.data import load_records, tokenize_pairs
 from orpo_ds.metrics import read_metrics
-from orpo_ds.train import plan_run
+from orpo_ds.packing import plan_run
 from tests.distributed.conftest import REPO, base_overrides, launch, run_env
 from tests.helpers.reference import reference_step_loss, reference_train
 from tests.helpers.synthetic import write_pairs
@@ -78,6 +78,12 @@ def test_learnable_task_loss_falls_and_accuracy_rises(learnable_run):
 # --------------------------------------------------------------- parity with the naive padded reference
 
 
+def _plan(pairs, cfg):
+    """The trainer's step plan for 2 ranks."""
+    t = cfg.train
+    return plan_run(pairs, t.micro_batch_tokens, 2, t.grad_accum, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps)
+
+
 def _reference_setup(tiny_model, data_file, out, extra):
     overrides = base_overrides(tiny_model, {"train": data_file}, out, **extra)
     cfg = load_config(None, overrides)
@@ -115,11 +121,11 @@ def test_two_ranks_match_single_process_reference_over_five_steps(tiny_model, sy
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
     if trainable_layers:
         _freeze_all_but_last_layer_by_hand(model)
-    steps = _step_pairs(plan_run(pairs, cfg, world_size=2), pairs)
+    steps = _step_pairs(_plan(pairs, cfg), pairs)
     ref = reference_train(model, steps, beta=cfg.loss.beta, nll_on_prompt=False, pad_id=tokenizer.pad_token_id,
                           lr=cfg.train.lr, max_grad_norm=1.0, total_steps=5, schedule_factor=lambda s: 1.0)
     assert len(got) == 5
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         assert g["pairs"] == len(steps[g["step"] - 1])
         assert g["loss"] == pytest.approx(r["loss"], rel=1e-4), (g["step"], g["loss"], r["loss"])
         assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3)
@@ -149,7 +155,7 @@ def test_nll_on_prompt_step_metrics_equal_naive_reference(tiny_model, synthetic_
     proc = launch(["train", *overrides], ranks=2)
     assert proc.returncode == 0
     got = train_steps(read_metrics(tmp_path / "run" / "metrics.jsonl"))[0]
-    step_pairs = _step_pairs(plan_run(pairs, cfg, world_size=2), pairs)[0]
+    step_pairs = _step_pairs(_plan(pairs, cfg), pairs)[0]
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
     with torch.no_grad():
         _, ref = reference_step_loss(model, step_pairs, beta=0.2, nll_on_prompt=True, pad_id=tokenizer.pad_token_id)

@@ -30,12 +30,12 @@ def test_cuda_matches_float64_reference(dtype, softcap):
         # cuBLAS may use TF32 for fp32 matmuls if the process enabled it; this test wants true fp32.
         assert not torch.backends.cuda.matmul.allow_tf32
         torch.testing.assert_close(out, ref.float(), **FP32_TOL)
-        for g, r in zip(grads, ref_grads):
+        for g, r in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(g, r.float(), **FP32_TOL)
     else:
         max_z = (ref_in[0] @ ref_in[1].T + ref_in[2]).abs().max().item() * 0.9
         torch.testing.assert_close(out, ref.float(), rtol=0, atol=2 * BF16_EPS * max_z)
-        for g, r in zip(grads, ref_grads):
+        for g, r in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(g.float(), r.float(), rtol=2.0**-5, atol=2.0**-5 * r.abs().max().item())
 
 

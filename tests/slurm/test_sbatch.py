@@ -60,7 +60,8 @@ def _free_port_block(n: int = 3) -> int:
 class Cluster:
     env: dict[str, str]
 
-    def run(self, *args: str, check: bool = True, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True, timeout: float = 60,
+            env: dict | None = None) -> subprocess.CompletedProcess:
         proc = subprocess.run(list(args), env=env or self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{shlex.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

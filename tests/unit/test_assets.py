@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from orpo_ds import assets as A
+from orpo_ds.safe_files import aside_path, staging_dir
+from orpo_ds.tools import assets as A
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = Path(os.environ.get(A.ENV_ROOT) or REPO / "assets")
@@ -222,12 +223,15 @@ def test_incomplete_model_dir_is_not_trusted(paths, tmp_path):
     for name in ("config.json", "tokenizer.json"):
         shutil.copy(paths.model_dir / name, fake / name)
     assert not A.model_complete(fake, A.GGUF.sha256)  # files listed in the manifest are missing
-    # leftovers of an interrupted run are removed
-    partial = tmp_path / f".{A.MODEL_DIRNAME}{A._PARTIAL}12345"
-    partial.mkdir()
+    # leftovers of an interrupted run are removed: a conversion's staging folder, and the old folder that
+    # a kill inside replace_dir left aside; the root's lock file and the folders themselves stay
+    partial = staging_dir(tmp_path / A.MODEL_DIRNAME)
     (partial / "model.safetensors").write_bytes(b"x")
-    A._clean_partials(tmp_path)
-    assert not partial.exists() and fake.exists()
+    aside = aside_path(tmp_path / A.MODEL_DIRNAME)
+    aside.mkdir()
+    (tmp_path / ".lock").touch()
+    A._clean_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", A.MODEL_DIRNAME]
 
 
 # ------------------------------------------------------------------------------------------------ conversion

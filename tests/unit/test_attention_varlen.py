@@ -20,8 +20,9 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 
 from orpo_ds import model as model_lib
 from orpo_ds.batch import prepare_micro_batch
+from orpo_ds.data import TokenizedPair
 from orpo_ds.model import PolicyWithChunkedHead
-from orpo_ds.packing import TokenizedPair, build_row
+from orpo_ds.packing import build_row
 
 V = 47
 SEEN: list[dict] = []
@@ -42,7 +43,7 @@ def varlen_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
                                                     scale=scaling)
-                     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=2)
+                     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)], dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -7,8 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from orpo_ds.batch import dummy_micro_batch, micro_batch_loss, prepare_micro_batch
+from orpo_ds.data import TokenizedPair
 from orpo_ds.model import PolicyWithChunkedHead
-from orpo_ds.packing import TokenizedPair, build_row
+from orpo_ds.packing import build_row
 from tests.helpers.reference import reference_step_loss
 
 V = 61

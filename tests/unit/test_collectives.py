@@ -18,12 +18,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from orpo_ds import engine as eng_lib
 from orpo_ds.batch import prepare_micro_batch
-from orpo_ds.config import load_config
+from orpo_ds.data import TokenizedPair
 from orpo_ds.evaluate import evaluate_pairs
 from orpo_ds.model import PolicyWithChunkedHead
-from orpo_ds.packing import TokenizedPair, build_row
+from orpo_ds.packing import build_row
 from orpo_ds.preemption import PreemptionSignal
-from orpo_ds.train import raise_if_any_rank_failed, run_micro_batches
+from orpo_ds.step import train_step
+from orpo_ds.train import raise_if_any_rank_failed
 
 V = 53
 META = torch.device("meta")
@@ -78,11 +79,10 @@ def test_the_loops_collectives_only_see_tensors_on_the_ranks_device(on_meta_rank
     pairs = _pairs(6)
     mbs = [prepare_micro_batch(build_row(pairs[:3]), nll_on_prompt=False),
            prepare_micro_batch(build_row(pairs[3:]), nll_on_prompt=False)]
-    cfg = load_config(None, ["model.name_or_path=m", "data.train=t.jsonl", "train.grad_accum=2"])
 
-    stats = run_micro_batches(_PlainEngine(policy), mbs, cfg, world_size=2)
+    stats = train_step(_PlainEngine(policy), mbs, beta=0.1)
     assert on_meta_rank == [(2,), (10,)]  # the step's counts before the forward, its stats once after
-    assert stats["skipped"] == 0.0 and stats["nonfinite_pair_ids"] == []
+    assert stats.applied and stats.nonfinite_pair_ids == []
 
     raise_if_any_rank_failed(None, RuntimeError("unused"))  # the data-loading failure flag
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}

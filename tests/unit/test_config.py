@@ -16,7 +16,8 @@ def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  name_or_path: m\ndata:\n  train: t.jsonl\n  max_length: 256\n"
                     "train:\n  lr: 1.0e-5\n  micro_batch_tokens: 4096\n")
-    cfg = load_config(path, ["train.lr=2e-5", "loss.beta=0.5", "loss.nll_on_prompt=true", "train.adam_betas=[0.9,0.95]"])
+    cfg = load_config(path, ["train.lr=2e-5", "loss.beta=0.5", "loss.nll_on_prompt=true",
+                             "train.adam_betas=[0.9,0.95]"])
     assert cfg.model.name_or_path == "m"
     assert cfg.data.max_length == 256
     assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)

@@ -14,10 +14,18 @@ from datasets import Dataset, DatasetDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import orpo_ds.data as data_mod
-from orpo_ds.data import (LOAD_ERROR_COLUMN, DataError, DropReport, format_of, load_records, tokenize_pairs,
-                          truncate_pair)
-from orpo_ds.packing import TokenizedPair
+import orpo_ds.data.io as data_io
+import orpo_ds.data.tokenize as data_tokenize
+from orpo_ds.data import (
+    LOAD_ERROR_COLUMN,
+    DataError,
+    DropReport,
+    TokenizedPair,
+    format_of,
+    load_records,
+    tokenize_pairs,
+    truncate_pair,
+)
 from tests.helpers.tokenizers import BOS_ID, EOS_ID, IM_START_ID, byte_ids, make_tiny_tokenizer
 
 TOK = make_tiny_tokenizer()
@@ -232,14 +240,14 @@ def test_missing_local_looking_paths_are_not_found_without_the_hub(source, monke
     def no_hub(name, split):
         raise AssertionError(f"{name!r} went to the hub")
 
-    monkeypatch.setattr(data_mod, "_load_with_datasets", no_hub)
+    monkeypatch.setattr(data_io, "_load_with_datasets", no_hub)
     with pytest.raises(DataError, match=r"not found: no such file or directory"):
         load_records(source)
 
 
 def test_hub_like_names_still_go_to_the_hub(monkeypatch):
     asked = []
-    monkeypatch.setattr(data_mod, "_load_with_datasets", lambda name, split: asked.append(name) or "loaded")
+    monkeypatch.setattr(data_io, "_load_with_datasets", lambda name, split: asked.append(name) or "loaded")
     for name in ("owner/name", "HuggingFaceH4/ultrafeedback_binarized", "bigcode/the-stack-v1.2", "imdb"):
         assert load_records(name) == "loaded"
     assert asked == ["owner/name", "HuggingFaceH4/ultrafeedback_binarized", "bigcode/the-stack-v1.2", "imdb"]
@@ -462,14 +470,14 @@ def test_sharegpt_unknown_from_and_system_column_are_handled():
 
 
 def test_a_raising_tokenizer_is_a_reported_row_not_a_crash(monkeypatch):
-    real = data_mod._tokenize_row
+    real = data_tokenize._tokenize_row
 
     def flaky(row, ctx):
         if row["prompt"] == "Say hi":
             raise RuntimeError("boom")
         return real(row, ctx)
 
-    monkeypatch.setattr(data_mod, "_tokenize_row", flaky)
+    monkeypatch.setattr(data_tokenize, "_tokenize_row", flaky)
     pairs, report = tok(Dataset.from_list(STANDARD))
     assert report.dropped == [(1, "tokenizer error: RuntimeError: boom")] and len(pairs) == 2
 
@@ -559,13 +567,13 @@ def test_special_tokens_in_content_config_key():
 
 def _count_calls(monkeypatch) -> list[int]:
     calls = [0]
-    real = data_mod._tokenize_row
+    real = data_tokenize._tokenize_row
 
     def counting(row, ctx):
         calls[0] += 1
         return real(row, ctx)
 
-    monkeypatch.setattr(data_mod, "_tokenize_row", counting)
+    monkeypatch.setattr(data_tokenize, "_tokenize_row", counting)
     return calls
 
 
@@ -627,6 +635,31 @@ def test_a_crash_while_writing_leaves_no_trusted_cache(tmp_path, monkeypatch):
     assert calls[0] == 6 and again == pairs
     tok(ds, cache_dir=cache)
     assert calls[0] == 6
+
+
+def test_a_writer_publishing_the_same_key_mid_write_spoils_nothing(tmp_path, monkeypatch):
+    """Two processes that miss the same key both write it (ranks without a shared cache, two jobs): the
+    second one publishing while the first is still writing must neither break the first nor leave a folder
+    that is half one and half the other."""
+    import orpo_ds.data.cache as data_cache
+
+    pairs, report = tok(Dataset.from_list(STANDARD))
+    target = tmp_path / "cache" / "k"
+    inputs = {"for": "people"}
+    real_to_json = DropReport.to_json
+    nested = []
+
+    def other_writer_publishes_meanwhile(self):  # called by the first writer between two of its files
+        if not nested:
+            nested.append(True)
+            data_cache.save_cache(target, "k", inputs, pairs, report)
+            assert data_cache.load_cache(target, "k") == (pairs, report)
+        return real_to_json(self)
+
+    monkeypatch.setattr(DropReport, "to_json", other_writer_publishes_meanwhile)
+    data_cache.save_cache(target, "k", inputs, pairs, report)
+    assert nested and data_cache.load_cache(target, "k") == (pairs, report)
+    assert [p.name for p in target.parent.iterdir()] == ["k"]  # no staging or aside folder left
 
 
 def test_two_workers_give_the_same_result_as_one(tmp_path):

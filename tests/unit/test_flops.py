@@ -9,9 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from orpo_ds.batch import micro_batch_loss, prepare_micro_batch
+from orpo_ds.data import TokenizedPair
 from orpo_ds.flops import decoder_matmul_params, peak_flops, step_flops
 from orpo_ds.model import PolicyWithChunkedHead
-from orpo_ds.packing import TokenizedPair, build_row
+from orpo_ds.packing import build_row
 
 V = 97
 
@@ -43,7 +44,7 @@ def test_matmul_flops_equal_torchs_count_of_a_training_step():
         loss.backward()
     counts = counter.get_flop_counts()["Global"]
     matmul = sum(v for op, v in counts.items() if op.__name__.split(".")[0] in ("mm", "addmm", "bmm", "matmul"))
-    cfg, tokens, head = model.config, int(mb.num_tokens), int(mb.head_mask.sum())
+    cfg, head = model.config, int(mb.head_mask.sum())
     lengths = row.seq_lengths.tolist()
     assert head == sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     attention_term = 6 * cfg.num_hidden_layers * cfg.hidden_size * sum(s * s for s in lengths)

@@ -78,7 +78,7 @@ def assert_fp32_close(got, ref):
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, rout.float(), **FP32_TOL)
     assert len(grads) == len(rgrads)
-    for gr, rg in zip(grads, rgrads):
+    for gr, rg in zip(grads, rgrads, strict=True):
         torch.testing.assert_close(gr, rg.float(), **FP32_TOL)
 
 
@@ -120,7 +120,7 @@ def test_bf16_values_and_grads_match_reference(softcap):
     assert [g.dtype for g in grads] == [torch.bfloat16] * 3  # gradients come back in the input dtypes
     max_z = (hidden.double() @ weight.double().T + b.double()).abs().max().item()
     torch.testing.assert_close(out, ref.float(), rtol=0, atol=2 * BF16_EPS * max_z)
-    for gr, rg in zip(grads, rgrads):
+    for gr, rg in zip(grads, rgrads, strict=True):
         scale = rg.abs().max().item()
         torch.testing.assert_close(gr.float(), rg.float(), rtol=2.0**-5, atol=2.0**-5 * scale)
 
@@ -134,7 +134,7 @@ def test_bf16_is_as_accurate_as_the_hf_style_naive_path():
     ref, ref_grads = values_and_grads(naive_token_logps, *ref_in[:2], labels, ref_in[2], up)
     err = lambda a, r: (a.double() - r).abs().max().item()  # noqa: E731
     assert err(out, ref) <= 2 * err(hf, ref) + 1e-6
-    for gr, hg, rg in zip(grads, hf_grads, ref_grads):
+    for gr, hg, rg in zip(grads, hf_grads, ref_grads, strict=True):
         assert err(gr, rg) <= 2 * err(hg, rg) + 1e-3 * rg.abs().max().item()
 
 
@@ -168,7 +168,7 @@ def test_result_does_not_depend_on_chunk_size():
                                 softcap=5.0) for c in (1, 4, 33, 1000)]
     for out, grads in results[1:]:
         torch.testing.assert_close(out, results[0][0], **FP32_TOL)
-        for a, r in zip(grads, results[0][1]):
+        for a, r in zip(grads, results[0][1], strict=True):
             torch.testing.assert_close(a, r, **FP32_TOL)
 
 

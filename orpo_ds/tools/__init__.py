@@ -1,0 +1,1 @@
+"""Tools around training: fetching and preparing the demo's model and data (python -m orpo_ds.tools.assets)."""
