@@ -4,7 +4,8 @@ Layout under ``<train.output_dir>/checkpoints/``::
 
     step-000005/                 a complete checkpoint (never modified after its rename)
         ds/                      DeepSpeed engine state: ZeRO partitions, optimizer, LR schedule
-        trainer_state.json       step, data position, world size, model, resolved config
+        trainer_state.json       step, data position, world size, model, resolved config, the held-out
+                                 figures before and after training once known
         rng/rank-00000.pt        python / numpy / torch RNG states of each rank
         hf/                      model config + tokenizer, so `orpo-ds export` needs nothing else
     latest                       the name of the newest complete checkpoint, replaced last
@@ -41,8 +42,8 @@ import torch
 from orpo_ds import engine as eng_lib
 from orpo_ds.config import Config, TrainConfig
 from orpo_ds.data import TokenizedPair, tokenizer_identity
-from orpo_ds.metrics import MetricsLog
-from orpo_ds.preemption import EXIT_INTERRUPTED, Preempted
+from orpo_ds.metrics import MetricsLog, read_metrics
+from orpo_ds.preemption import EXIT_INTERRUPTED, Preempted, PreemptionSignal
 from orpo_ds.safe_files import aside_path, atomic_write, replace_dir
 
 STATE_FILE = "trainer_state.json"
@@ -316,11 +317,12 @@ class CheckpointSaver:
             print(f"[checkpoint] step {state.step} -> {final}", flush=True)
         eng_lib.barrier()
 
-    def maybe_save(self, state: TrainerState, *, last_step: int, stop_code: int | None) -> None:
-        """The checkpoint policy, after each step: on a stop request (preemption, Ctrl-C) save and raise
-        :class:`Preempted` with its exit code; else every ``train.save_steps`` steps, except the last one
-        (the end of the run saves after its final eval)."""
+    def maybe_save(self, state: TrainerState, *, last_step: int, preemption: PreemptionSignal) -> None:
+        """The checkpoint policy, after each step: on a stop request (preemption, Ctrl-C; a collective
+        read of ``preemption``) save and raise :class:`Preempted` with its exit code; else every
+        ``train.save_steps`` steps, except the last one (the end of the run saves after its final eval)."""
         fault_point("kill_after_step", state.step)
+        stop_code = preemption.requested()
         if stop_code is not None:
             self.save(state)
             why = "interrupted" if stop_code == EXIT_INTERRUPTED else "preempted"
@@ -338,5 +340,20 @@ class CheckpointSaver:
         log.truncate_after(saved.step)
         if self.info.is_main:
             print(f"[checkpoint] resumed from {ckpt} at step {saved.step}", flush=True)
-        return dataclasses.replace(identity, step=saved.step, epoch=saved.epoch, eval_before=saved.eval_before,
-                                   eval_after=saved.eval_after)
+        evals = {"eval_before": saved.eval_before, "eval_after": saved.eval_after}
+        if not _records_evals(ckpt):  # written before the state held them: they are in the step log
+            evals = logged_evals(self.out_dir / "metrics.jsonl", saved.step)
+        return dataclasses.replace(identity, step=saved.step, epoch=saved.epoch, **evals)
+
+
+def _records_evals(ckpt: Path) -> bool:
+    return "eval_before" in json.loads((ckpt / STATE_FILE).read_text())
+
+
+def logged_evals(metrics_path: Path, step: int) -> dict[str, dict | None]:
+    """The eval records at step 0 and at ``step`` in an earlier run's metrics.jsonl, for a checkpoint
+    from before :class:`TrainerState` recorded them. Every rank reads the file (the checkpoint's folder
+    is shared by all ranks already), so every rank makes the same decision whether to evaluate."""
+    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    found = {r["step"]: r for r in records if any(k.startswith("eval/") for k in r)}
+    return {"eval_before": found.get(0), "eval_after": found.get(step) if step else None}

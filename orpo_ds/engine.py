@@ -323,6 +323,11 @@ class Engine:
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
 
+    def close(self) -> None:
+        """Release DeepSpeed's hooks and buffers while the process group still exists (its destructor
+        would run after :func:`shutdown`, where ZeRO-3's cleanup fails silently)."""
+        self.engine.destroy()
+
     def release_gathered(self) -> None:
         """Re-partition parameters that ZeRO-3 left gathered or in flight: a forward pass without a
         backward (evaluation) leaves prefetched parameters behind, and a later explicit gather of them

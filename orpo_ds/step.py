@@ -43,7 +43,8 @@ class StepStats:
 def train_step(engine, mbs: list[MicroBatch], *, beta: float) -> StepStats:
     """Forward, backward and step over this rank's micro-batches of one optimizer step.
 
-    The host reads twice per step, never per micro-batch: the global pair and NLL-token counts before
+    The loop reads the host twice per step, never per micro-batch (Liger's head kernel, when on, reads
+    its token count inside each forward and backward): the global pair and NLL-token counts before
     the first forward (the loss divides by them), and the step's stats, stacked on the device and
     reduced once, after the update. A non-finite loss therefore does not stop the step: its gradients
     are kept out of the update by the engine's guard (:meth:`orpo_ds.engine.Engine.step` returns False).

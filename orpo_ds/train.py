@@ -209,8 +209,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
             continue
         lr, start = run.engine.lr, time.perf_counter()  # the rate this step's update uses
         stats = train_step(run.engine, run.micro_batches(plan), beta=cfg.loss.beta)
-        record = run.recorder(step, plan, stats, lr=lr, grad_norm=run.engine.grad_norm(),
-                              seconds=time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        record = run.recorder(step, plan, stats, lr=lr, grad_norm=run.engine.grad_norm(), seconds=seconds)
         record.update(guard.observe(step, stats))
         if run.evaluator.due(step):
             record.update(run.evaluator())
@@ -221,7 +221,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         summary["last"], total_tokens = record, total_tokens + stats.tokens
         guard.raise_if_exhausted()
         state = replace(state, step=step, epoch=plan.epoch)
-        run.saver.maybe_save(state, last_step=last_step, stop_code=preemption.requested())
+        run.saver.maybe_save(state, last_step=last_step, preemption=preemption)
     bar.close()
     wall = time.perf_counter() - run_start
     summary.update(train_wall_s=wall, tokens_per_s=total_tokens / wall if wall > 0 else 0.0)
@@ -231,7 +231,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
 def finish_run(run: Run, state: ckpt_lib.TrainerState, summary: dict[str, Any]) -> dict[str, Any]:
     """After the last step: the held-out eval, the final checkpoint, the export, the report; then the
     process group is torn down."""
-    if run.evaluator.enabled and state.eval_after is None:
+    if run.evaluator.enabled and (state.eval_after or {}).get("step") != len(run.steps):  # none yet, or a shorter run's
         state = replace(state, eval_after=run.log.write({"step": len(run.steps), **run.evaluator()}))
     if run.steps and state != run.start:  # a requeued finished run: its checkpoint already holds this state
         run.saver.save(state)
@@ -244,6 +244,7 @@ def finish_run(run: Run, state: ckpt_lib.TrainerState, summary: dict[str, Any]) 
         atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         print(f"\n{before_after_table(summary)}\ncurves: {summary['plot']}", flush=True)
     eng_lib.barrier()
+    run.engine.close()
     run.lock.release()
     eng_lib.shutdown()
     return summary

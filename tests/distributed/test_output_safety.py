@@ -23,15 +23,24 @@ def _steps(out):
     return [m["step"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
 
 
+def _eval_steps(out):
+    return [m["step"] for m in read_metrics(out / "metrics.jsonl") if "eval/loss" in m]
+
+
 def test_reruns_resume_past_a_torn_line_and_refuse_changed_data_or_a_fresh_start(tiny_model, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", 24, seed=5)
+    held_out = {"data.eval": write_pairs(tmp_path / "eval.jsonl", 6, seed=6)}
     out = tmp_path / "run"
-    assert launch(_args(tiny_model, data, out, **{"train.max_steps": 2}), ranks=1).returncode == 0
+    assert launch(_args(tiny_model, data, out, **{"train.max_steps": 2, **held_out}), ranks=1).returncode == 0
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 3, "loss": 0.')  # a write cut by a full disk
-    resumed = launch(_args(tiny_model, data, out, **{"train.max_steps": 3}), ranks=1)
+    resumed = launch(_args(tiny_model, data, out, **{"train.max_steps": 3, **held_out}), ranks=1)
     assert resumed.returncode == 0 and "at step 2" in resumed.stdout
     assert _steps(out) == [1, 2, 3]
+    # Extended past its old end, the run evaluates at its new end; the before-figures come from the checkpoint.
+    assert _eval_steps(out) == [0, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_after"]["step"] == 3 and summary["eval_before"]["step"] == 0
     assert not any("mfu" in m for m in read_metrics(out / "metrics.jsonl"))  # no peak to divide by on the CPU
     config_before = (out / "config.json").read_text()
 
