@@ -7,12 +7,15 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 # One ninja for every DeepSpeed JIT build (the venv's): two ninja versions sharing a build folder rebuild it each time.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
-# GPUs when nvidia-smi sees any; otherwise DeepSpeed's CPU accelerator with 2 gloo ranks.
+# GPUs when nvidia-smi sees any; otherwise DeepSpeed's CPU accelerator with one rank that uses every core:
+# on a 2-core machine that beat 2 gloo ranks of one thread each (benchmarks/RESULTS.md, vs_trl.py's
+# orpo-ds:2x1-zero3 row), whose ZeRO-3 traffic costs more than the second rank brings. `make train RANKS=2
+# OMP_NUM_THREADS=1` runs the 2-rank layout; the distributed tests cover it either way.
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 ifeq ($(GPUS),0)
 export DS_ACCELERATOR := cpu
-export OMP_NUM_THREADS ?= 1
-RANKS ?= 2
+export OMP_NUM_THREADS ?= $(shell nproc)
+RANKS ?= 1
 else
 RANKS ?= $(GPUS)
 endif

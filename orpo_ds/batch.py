@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from orpo_ds.attention import Segment, segments_from_lengths
 from orpo_ds.data import TokenizedPair
 from orpo_ds.logps import IGNORE_INDEX, sequence_mean_logps
 from orpo_ds.loss import orpo_loss
@@ -39,6 +40,8 @@ class MicroBatch:
     # explicitly so no layer has to derive them from position_ids (a host sync per layer)
     cu_seqlens: torch.Tensor
     max_seqlen: int  # longest sequence of the row
+    # the same boundaries as host metadata, for orpo_ds.attention.SEGMENTED_SDPA
+    segments: tuple[Segment, ...]
     num_sequences: int  # S
     num_tokens: int  # T (0 for a dummy batch: it carries no data)
     num_pairs: int  # P
@@ -47,7 +50,8 @@ class MicroBatch:
 
     def model_inputs(self) -> dict[str, torch.Tensor | int]:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "labels": self.labels,
-                "head_mask": self.head_mask, "cu_seqlens": self.cu_seqlens, "max_seqlen": self.max_seqlen}
+                "head_mask": self.head_mask, "segments": self.segments, "cu_seqlens": self.cu_seqlens,
+                "max_seqlen": self.max_seqlen}
 
 
 def prepare_micro_batch(row: PackedRow, *, nll_on_prompt: bool, device: torch.device | str = "cpu") -> MicroBatch:
@@ -72,7 +76,8 @@ def prepare_micro_batch(row: PackedRow, *, nll_on_prompt: bool, device: torch.de
         head_is_response=put(row.response_mask[head_mask]), head_is_nll=put(nll_token[head_mask]),
         chosen_seq=put(row.chosen_seq), rejected_seq=put(row.rejected_seq), pair_ids=put(row.pair_ids),
         cu_seqlens=put(np.concatenate([[0], np.cumsum(row.seq_lengths)]), torch.int32),
-        max_seqlen=int(row.seq_lengths.max()), num_sequences=int(row.seq_lengths.shape[0]),
+        max_seqlen=int(row.seq_lengths.max()), segments=segments_from_lengths(row.seq_lengths.tolist()),
+        num_sequences=int(row.seq_lengths.shape[0]),
         num_tokens=row.num_tokens, num_pairs=row.num_pairs, num_nll_tokens=int(nll_token.sum()))
 
 
@@ -90,7 +95,8 @@ def dummy_micro_batch(pad_token_id: int, device: torch.device | str = "cpu") -> 
         labels=torch.full((1,), pad_token_id, dtype=torch.long, device=device), head_mask=one,
         head_seq_id=torch.zeros(1, dtype=torch.long, device=device), head_is_response=~one, head_is_nll=~one,
         chosen_seq=empty, rejected_seq=empty, pair_ids=empty,
-        cu_seqlens=torch.tensor([0, 1], dtype=torch.int32, device=device), max_seqlen=1, num_sequences=1,
+        cu_seqlens=torch.tensor([0, 1], dtype=torch.int32, device=device), max_seqlen=1,
+        segments=segments_from_lengths([1]), num_sequences=1,
         num_tokens=0, num_pairs=0, num_nll_tokens=0, is_dummy=True)
 
 

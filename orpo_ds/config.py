@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A bad config value; the message names the key and how to fix it."""
 
 
-ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "flex_attention", "eager")
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "segmented_sdpa", "sdpa", "flex_attention", "eager")
 LIGER_KERNELS = ("auto", "on", "off")
 
 
@@ -36,7 +36,8 @@ def _require(ok: bool, key: str, message: str) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = ""
-    attn_implementation: str = "auto"  # auto: flash_attention_2 where flash-attn and CUDA exist, else sdpa
+    # auto: flash_attention_2 where flash-attn and CUDA exist, else segmented_sdpa (orpo_ds.attention)
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     trainable_layers: int | None = None  # train only the last N decoder layers (+ final norm); None: all

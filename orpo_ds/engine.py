@@ -265,6 +265,7 @@ class Engine:
         # DeepSpeed's fp32 ZeRO-0 path clips with a norm it does not keep, so we measure that one ourselves.
         self._measure_grad_norm = zero_stage(ds_config) == 0 and not ds_config["bf16"]["enabled"]
         self._measured_grad_norm: float | None = None
+        self._gradient_bytes: int | None = None  # read at the first step boundary, where gradients exist
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -289,6 +290,8 @@ class Engine:
         rate set to 0 for that step.
         """
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and self._gradient_bytes is None:
+            self._gradient_bytes = self._held_gradient_bytes()
         dropped = False
         if self._measure_grad_norm and boundary:
             # After backward ZeRO-0 holds the rank-averaged gradients, the ones clipping sees.
@@ -306,6 +309,30 @@ class Engine:
                 dropped = True
         self.engine.step()
         return boundary and not dropped and self.engine.was_step_applied()
+
+    def _held_gradient_bytes(self) -> int:
+        # ZeRO-3 reduces each gradient into this rank's slice of one flat buffer; the other stages keep
+        # .grad tensors (ZeRO-1/2 flat partitions on the optimizer's parameters, ZeRO-0 whole ones).
+        flat = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
+        if flat is not None:
+            return _tensor_bytes([flat])
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        owners = {id(p): p for p in self.module.parameters()}
+        owners.update({id(p): p for group in inner.param_groups for p in group["params"]})
+        return _tensor_bytes([p.grad for p in owners.values() if p.grad is not None])
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds, read from the engine's tensors (not computed from the model's size):
+        ``parameters`` (ZeRO-3: this rank's partitions; the rest: whole tensors), ``gradients`` (as held
+        at the first step boundary; 0 before the first step) and ``optimizer`` (the optimizer's own
+        parameters when they are separate flat partitions or fp32 masters, plus its state)."""
+        params = [getattr(p, "ds_tensor", p) for p in self.module.parameters()]
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        module_ids = {id(p) for p in self.module.parameters()}
+        masters = [p for group in inner.param_groups for p in group["params"] if id(p) not in module_ids]
+        state = [v for entry in inner.state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+        return {"parameters": _tensor_bytes(params), "gradients": self._gradient_bytes or 0,
+                "optimizer": _tensor_bytes(masters) + _tensor_bytes(state)}
 
     def train(self) -> None:
         self.engine.train()
@@ -362,6 +389,10 @@ class Engine:
                 if rank0:
                     state[name] = tensor.detach().to("cpu", copy=True)
         return state if rank0 else None
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def consolidate_zero_checkpoint(ds_dir: Path) -> dict[str, torch.Tensor]:

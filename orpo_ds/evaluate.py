@@ -69,12 +69,13 @@ class Evaluator:
 
 def evaluate_model_dir(model_dir: str, data: str, *, max_length: int = 1024, micro_batch_tokens: int = 8192,
                        beta: float = 0.1, nll_on_prompt: bool = False, fmt: str = "auto",
-                       attn_implementation: str = "sdpa") -> dict[str, float]:
+                       attn_implementation: str = "auto") -> dict[str, float]:
     """``orpo-ds eval``: one process, the model in fp32 on the CPU (bf16 on a GPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from orpo_ds.attention import resolve_attn_implementation
     from orpo_ds.data import load_records, tokenize_pairs
-    from orpo_ds.model import PolicyWithChunkedHead, resolve_attn_implementation
+    from orpo_ds.model import PolicyWithChunkedHead
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")

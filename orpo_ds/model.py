@@ -10,27 +10,15 @@ gathered weight inside this forward.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import torch
 from torch import nn
 
+from orpo_ds import attention
 from orpo_ds import engine as eng_lib
 from orpo_ds import liger as liger_lib
 from orpo_ds.config import ConfigError, ModelConfig
 from orpo_ds.logps import chunked_token_logps
-
-# Attention backends that take a packed row's boundaries as flash-attn varlen arguments.
-VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
-
-
-def resolve_attn_implementation(requested: str) -> str:
-    """``auto`` -> flash_attention_2 where flash-attn and CUDA exist, else sdpa (one place to swap)."""
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def final_logit_scale(config) -> float:
@@ -93,29 +81,29 @@ class PolicyWithChunkedHead(nn.Module):
         return self.causal_lm.get_output_embeddings()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                head_mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None) -> torch.Tensor:
+                head_mask: torch.Tensor, segments: tuple[attention.Segment, ...] | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         """
         Args:
             input_ids: ``[1, T]`` one packed row.
-            position_ids: ``[1, T]`` restarting at 0 for each sequence; with no attention mask,
-                transformers derives the sequence boundaries from them (sdpa/eager/flex).
+            position_ids: ``[1, T]`` restarting at 0 for each sequence; with no attention mask, the
+                dense backends (sdpa/eager) derive the sequence boundaries from them.
             labels: ``[T]`` next-token target at each position, -100 where none.
             head_mask: ``[T]`` bool, positions whose log-prob is needed (labels there are valid).
+            segments: the row's attention segments (host metadata), for
+                :data:`orpo_ds.attention.SEGMENTED_SDPA`.
             cu_seqlens: ``[S + 1]`` int32 sequence boundaries from the packer, and ``max_seqlen`` the
-                longest sequence: handed to flash-attn varlen (:data:`VARLEN_ATTENTION`) as
-                ``cu_seq_lens_q/k`` and ``max_length_q/k``. Given, transformers skips deriving them from
-                ``position_ids`` in every layer, which reads the device each time.
+                longest sequence: handed to flash-attn varlen as ``cu_seq_lens_q/k`` and
+                ``max_length_q/k``. Given, transformers skips deriving them from ``position_ids`` in
+                every layer, which reads the device each time.
         Returns:
             ``[M]`` fp32 log-prob of ``labels[head_mask]``, ``M = head_mask.sum()``.
         """
         body = self.causal_lm.get_decoder()
-        varlen = {}
-        if cu_seqlens is not None and self.causal_lm.config._attn_implementation in VARLEN_ATTENTION:
-            varlen = {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": max_seqlen,
-                      "max_length_k": max_seqlen}
+        row_kwargs = attention.backend_kwargs(self.causal_lm.config._attn_implementation, segments, cu_seqlens,
+                                              max_seqlen)
         # use_cache=False: with a KV cache the packed logits no longer equal the separate ones.
-        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **varlen).last_hidden_state
+        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **row_kwargs).last_hidden_state
         selected = hidden[0][head_mask]  # [M, H]
         head = self.head
         if self.liger.head:
@@ -135,7 +123,7 @@ def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_s
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    attn = resolve_attn_implementation(m.attn_implementation)
+    attn = attention.resolve_attn_implementation(m.attn_implementation)
     try:
         # Liger is decided from the config, before the weights load: an impossible model.liger_kernels=on
         # fails in seconds rather than after the load.

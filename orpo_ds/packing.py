@@ -12,8 +12,9 @@ Pipeline (all pure: no torch.distributed, engine, config object or logging in he
   ZeRO-3 needs every rank in every pass).
 * :func:`build_row` lays the pairs of one bin out in one row (batch dim 1, no padding), and
   ``orpo_ds.batch.prepare_micro_batch`` turns it into tensors. The model runs on it with ``position_ids`` and
-  ``use_cache=False`` and *no* attention mask: transformers then finds the sequence boundaries where the
-  position ids stop increasing by 1 (sdpa/eager/flex) or derives ``cu_seqlens`` from them (flash).
+  ``use_cache=False`` and *no* attention mask; the row's boundaries reach attention as host segments
+  (``segmented_sdpa``) or ``cu_seqlens`` (flash-attn varlen), see :mod:`orpo_ds.attention`. The dense
+  backends (sdpa/eager) find them where the position ids stop increasing by 1.
 
 Row contract (``T`` tokens, ``S`` sequences, ``P`` pairs; order: pair by pair, and within a pair its
 chosen sequence, then its rejected sequence, so sequence ``2p`` is chosen and ``2p + 1`` rejected with

@@ -236,13 +236,15 @@ def finish_run(run: Run, state: ckpt_lib.TrainerState, summary: dict[str, Any]) 
     if run.steps and state != run.start:  # a requeued finished run: its checkpoint already holds this state
         run.saver.save(state)
     summary.update({k: v for k, v in (("eval_before", state.eval_before), ("eval_after", state.eval_after)) if v})
+    summary["rank0_state_bytes"] = run.engine.state_bytes()  # what ZeRO's partitioning leaves each rank
     out_dir = Path(run.cfg.train.output_dir)
     if run.cfg.train.export:
         summary["export_dir"] = str(export_trained(run.engine, run.policy, run.tokenizer, out_dir / "final", run.info))
     if run.info.is_main:
         summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png"))
         atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-        print(f"\n{before_after_table(summary)}\ncurves: {summary['plot']}", flush=True)
+        held = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in summary["rank0_state_bytes"].items())
+        print(f"\n{before_after_table(summary)}\ncurves: {summary['plot']}\n[engine] rank 0 holds {held}", flush=True)
     eng_lib.barrier()
     run.engine.close()
     run.lock.release()

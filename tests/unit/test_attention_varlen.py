@@ -18,7 +18,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-from orpo_ds import model as model_lib
+from orpo_ds import attention
 from orpo_ds.batch import prepare_micro_batch
 from orpo_ds.data import TokenizedPair
 from orpo_ds.model import PolicyWithChunkedHead
@@ -71,7 +71,7 @@ def test_varlen_attention_gets_the_packers_boundaries_and_matches_sdpa(monkeypat
     varlen_model = LlamaForCausalLM(copy.deepcopy(cfg)).float().eval()  # its own config: the backend is per config
     varlen_model.load_state_dict(sdpa_model.state_dict())
     varlen_model.set_attn_implementation("orpo_varlen_test")
-    monkeypatch.setattr(model_lib, "VARLEN_ATTENTION", {"orpo_varlen_test"})
+    monkeypatch.setattr(attention, "VARLEN_ATTENTION", {"orpo_varlen_test"})
     row = build_row(_pairs(5, 3))
     mb = prepare_micro_batch(row, nll_on_prompt=False)
     SEEN.clear()

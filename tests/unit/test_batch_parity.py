@@ -29,9 +29,10 @@ def _model(seed=0):
     return LlamaForCausalLM(cfg).float().eval()
 
 
+@pytest.mark.parametrize("attn", ["segmented_sdpa", "sdpa", "eager"])
 @pytest.mark.parametrize("nll_on_prompt", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 7, 4096])
-def test_packed_chunked_loss_equals_naive_padded_reference(nll_on_prompt, chunk_size):
+def test_packed_chunked_loss_equals_naive_padded_reference(nll_on_prompt, chunk_size, attn):
     pairs = _pairs(5)
     beta = 0.3
     model = _model()
@@ -39,6 +40,7 @@ def test_packed_chunked_loss_equals_naive_padded_reference(nll_on_prompt, chunk_
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    model.set_attn_implementation(attn)  # the packed rows through each backend; the padded reference is sdpa
 
     # Same pairs split over two packed rows, losses normalised by the global counts.
     policy = PolicyWithChunkedHead(model, chunk_size=chunk_size)

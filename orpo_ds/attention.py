@@ -1,0 +1,132 @@
+"""Attention over packed rows that computes only the blocks each sequence needs.
+
+A packed row holds S sequences back to back. Given no attention mask and restarting ``position_ids``,
+transformers hands sdpa a dense ``[1, 1, T, T]`` block-diagonal mask, and the CPU kernel evaluates every
+cell of it: ``T^2`` cells where the sequences need ``sum L_i^2 / 2``. This module's backend instead runs
+causal sdpa on each sequence's slice of the row, so no ``[T, T]`` mask exists and cost does not grow with
+the row budget.
+
+Backends (``model.attn_implementation``):
+
+* ``flash_attention_2`` / ``flash_attention_3``: flash-attn varlen, from ``cu_seqlens`` (CUDA only).
+* :data:`SEGMENTED_SDPA`: sdpa per :class:`Segment`, registered with transformers' ``AttentionInterface``
+  on import. The default wherever flash-attn is not usable, CPU included.
+* ``sdpa`` / ``eager``: transformers' own, with the dense mask (the reference the tests compare against).
+
+The segment metadata is host-side, built once per micro-batch from the packer's lengths, so no layer
+reads the device to find the boundaries. A segment can also attend to a *context* span elsewhere in the
+row before its own tokens: the shape prefix sharing needs (a response attending to the prompt it shares
+with the other response of its pair).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+SEGMENTED_SDPA = "segmented_sdpa"
+# Backends that take a packed row's boundaries as flash-attn varlen arguments.
+VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Queries ``[start, end)`` of a row attend causally to keys ``[start, end)``, and before those to
+    every key of ``[context_start, context_end)`` (empty by default: a plain packed sequence)."""
+
+    start: int
+    end: int
+    context_start: int = 0
+    context_end: int = 0
+
+    @property
+    def context_length(self) -> int:
+        return self.context_end - self.context_start
+
+
+def segments_from_lengths(lengths: Sequence[int]) -> tuple[Segment, ...]:
+    """One plain segment per sequence of a row packed back to back with these lengths."""
+    segments, start = [], 0
+    for length in lengths:
+        segments.append(Segment(start, start + int(length)))
+        start += int(length)
+    return tuple(segments)
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """``auto`` -> flash_attention_2 where flash-attn and CUDA exist, else :data:`SEGMENTED_SDPA`."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return SEGMENTED_SDPA
+
+
+def backend_kwargs(implementation: str, segments: tuple[Segment, ...], cu_seqlens: torch.Tensor | None,
+                   max_seqlen: int | None) -> dict:
+    """The extra keyword arguments the decoder body passes down to ``implementation`` for one row."""
+    if implementation == SEGMENTED_SDPA:
+        return {"attention_segments": segments}
+    if implementation in VARLEN_ATTENTION and cu_seqlens is not None:
+        return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": max_seqlen,
+                "max_length_k": max_seqlen}
+    return {}
+
+
+def segmented_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, *, attention_segments: tuple[Segment, ...] | None = None,
+                   scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: each segment's queries against its own keys (and its context's).
+
+    Args:
+        query: ``[1, H, T, D]``; key and value ``[1, H_kv, T, D]`` (grouped-query heads allowed).
+        attention_segments: the row's :class:`Segment` s, covering ``[0, T)`` in order.
+    Returns:
+        ``([1, T, H, D], None)``, as transformers' attention functions do.
+    """
+    if attention_segments is None:
+        raise ValueError(f"attn_implementation={SEGMENTED_SDPA!r} needs the row's attention_segments; run the "
+                         "model through orpo_ds.model.PolicyWithChunkedHead, or load it with 'sdpa'")
+    for unsupported in ("sliding_window", "softcap"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"attn_implementation={SEGMENTED_SDPA!r} has no {unsupported}; use 'sdpa' or "
+                             "flash_attention_2 for this model")
+    if query.shape[0] != 1:
+        raise ValueError(f"{SEGMENTED_SDPA} takes one packed row, got a batch of {query.shape[0]}")
+    gqa = query.shape[1] != key.shape[1]
+    # split, not slicing: the backward of a split is one cat, where each slice's backward would zero-fill a
+    # whole [1, H, T, D] gradient (S of them per layer).
+    lengths = [seg.end - seg.start for seg in attention_segments]
+    outputs = []
+    for seg, q, k, v in zip(attention_segments, query.split(lengths, dim=2), key.split(lengths, dim=2),
+                            value.split(lengths, dim=2), strict=True):
+        if seg.context_length == 0:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                 enable_gqa=gqa)
+        else:
+            # The context in full, then the own keys causally: a [L, C + L] mask, small next to [T, T].
+            context = slice(seg.context_start, seg.context_end)
+            k = torch.cat([key[:, :, context], k], dim=2)
+            v = torch.cat([value[:, :, context], v], dim=2)
+            length = seg.end - seg.start
+            own = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+            mask = torch.cat([own.new_ones(length, seg.context_length), own], dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                                 enable_gqa=gqa)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    # No mask function is registered under this name on purpose: transformers then builds no mask at all
+    # (its mask preprocessing exits early for attention functions without one).
+    AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa)
+
+
+_register()
