@@ -3,7 +3,8 @@
     pip install -e ".[bench]"                      # TRL, for the side by side
     python benchmarks/vs_trl.py                    # both workloads, every variant, one run each
     python benchmarks/vs_trl.py --workload synthetic --variants trl,orpo-ds --repeats 2
-    python benchmarks/vs_trl.py --workload synthetic --vocab 128256 --max-length 1024   # the memory case
+    python benchmarks/vs_trl.py --workload synthetic --variants trl,orpo-ds --vocab 128256 --max-length 1024 \
+        --synthetic-pairs 16                       # the memory case
 
 Workloads:
 
@@ -11,9 +12,9 @@ Workloads:
   train`` itself, into a temporary output folder); TRL trains on the same SmolLM2-135M-Instruct, the same
   train pairs (the first ``--trl-pairs``, in conversational form, so its chat template renders them) at
   the same max_length, beta and learning rate, batch 2, ``OMP_NUM_THREADS`` threads.
-* ``synthetic``: 64 pairs of random words (prompts U[32, 384], responses U[16, 256] words), a word-level
-  tokenizer (one token per word, so both systems see the same tokens) and a random 4-layer Llama (hidden
-  256, vocab ``--vocab``), ~4 pairs a step for both (TRL batch 4).
+* ``synthetic``: 64 pairs (``--synthetic-pairs``) of random words (prompts U[32, 384], responses
+  U[16, 256] words), a word-level tokenizer (one token per word, so both systems see the same tokens) and
+  a random 4-layer Llama (hidden 256, vocab ``--vocab``), ~4 pairs a step for both (TRL batch 4).
 
 Each variant runs as its own process (whole process timed, peak RSS = the largest sum of the resident
 memory of the process and all its children, sampled every 0.2 s), and variants alternate within each
@@ -215,6 +216,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--trl-pairs", type=int, default=0, help="demo: pairs TRL trains on (0: as many as orpo-ds)")
     ap.add_argument("--vocab", type=int, default=32000, help="synthetic: vocabulary size")
+    ap.add_argument("--synthetic-pairs", type=int, default=64, help="synthetic: number of pairs")
     ap.add_argument("--max-length", type=int, default=640,
                     help="synthetic: max_length (640 holds the longest sequence: no truncation)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -245,7 +247,8 @@ def main() -> None:
         else:
             folder = work / "synthetic"
             folder.mkdir()
-            trl_model, trl_data = make_synthetic(folder, vocab=args.vocab, num_pairs=64, max_length=args.max_length)
+            trl_model, trl_data = make_synthetic(folder, vocab=args.vocab, num_pairs=args.synthetic_pairs,
+                                                 max_length=args.max_length)
             config, extra = synthetic_config(folder, trl_model, trl_data, args.max_length), []
             figures, max_length = SYNTHETIC, args.max_length
         results: dict[str, list[dict]] = {v: [] for v in variants}
@@ -257,7 +260,7 @@ def main() -> None:
                 log = work / f"{tag}.log"
                 if variant == "trl":
                     trl_pairs = args.trl_pairs or (results["orpo-ds"][0]["pairs"] if results.get("orpo-ds")
-                                                    else 64)
+                                                    else args.synthetic_pairs)
                     result_file = work / f"{tag}.json"
                     cmd = trl_command(trl_model, trl_data, result_file, pairs=trl_pairs, batch=figures["trl_batch"],
                                       beta=figures["beta"], lr=figures["lr"], max_length=max_length,

@@ -286,12 +286,14 @@ def test_off_or_auto_on_the_cpu_imports_nothing_of_liger(tmp_path):
         import sys
         import torch
         from orpo_ds.config import ModelConfig
+        from orpo_ds.attention import segments_from_lengths
         from orpo_ds.model import build_policy
         for option in ("auto", "off"):
             policy, _ = build_policy(ModelConfig(name_or_path={str(tmp_path / "m")!r}, liger_kernels=option), {{}},
                                      torch.float32, chunk_size=8)
             labels = torch.tensor([5, 6, -100, 7])
-            out = policy(torch.tensor([[1, 5, 6, 3]]), torch.arange(4)[None], labels, labels != -100)
+            out = policy(torch.tensor([[1, 5, 6, 3]]), torch.arange(4)[None], labels, labels != -100,
+                         segments=segments_from_lengths([4]))
             out.sum().backward()
             print(option, policy.liger)
         assert not [m for m in sys.modules if m.startswith("liger_kernel")], "liger_kernel was imported"
