@@ -43,11 +43,12 @@ def make_step(trainable_layers: int | None, tokens: int):
     input_ids = torch.randint(0, 49152, (1, tokens), generator=generator)
     position_ids = torch.arange(tokens)[None] % 512  # packed sequences of 512 tokens
     labels = torch.randint(0, 49152, (tokens,), generator=generator)
-    head_mask = torch.ones(tokens, dtype=torch.bool)
+    head_positions = torch.arange(tokens)
 
     def step() -> float:
         start = time.perf_counter()
-        loss = -policy(input_ids=input_ids, position_ids=position_ids, labels=labels, head_mask=head_mask).mean()
+        loss = -policy(input_ids=input_ids, position_ids=position_ids, head_positions=head_positions,
+                       head_labels=labels).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

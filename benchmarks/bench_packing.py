@@ -126,9 +126,11 @@ def full_head(mb, row):
     seq_id = torch.from_numpy(row.seq_id)
     response = torch.from_numpy(row.response_mask)
     nll = response & torch.from_numpy(row.seq_is_chosen)[seq_id]
-    head_mask = mb.labels != -100
-    return dataclasses.replace(mb, head_mask=head_mask, head_seq_id=seq_id[head_mask],
-                               head_is_response=response[head_mask], head_is_nll=nll[head_mask])
+    labels = torch.from_numpy(row.labels)
+    head_mask = labels != -100
+    return dataclasses.replace(mb, head_positions=head_mask.nonzero().squeeze(1), head_labels=labels[head_mask],
+                               head_seq_id=seq_id[head_mask], head_is_response=response[head_mask],
+                               head_is_nll=nll[head_mask])
 
 
 def stats_of(pairs, args):
@@ -212,8 +214,8 @@ def child(args) -> None:
             token_logps = policy(**mb.model_inputs())
         elif variant == "packed_logits":
             logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
-            logp = logits.log_softmax(-1).gather(1, mb.labels.clamp(min=0).unsqueeze(1)).squeeze(1)
-            token_logps = logp[mb.head_mask]
+            logp = logits.log_softmax(-1)[mb.head_positions]
+            token_logps = logp.gather(1, mb.head_labels.unsqueeze(1)).squeeze(1)
         else:  # seqwise_labelled: the body per sequence (what varlen attention computes), then the same head
             body = model.get_decoder()
             hidden = torch.cat([
@@ -221,7 +223,7 @@ def child(args) -> None:
                 for ids, pos in zip(mb.input_ids.split(seq_lengths, 1), mb.position_ids.split(seq_lengths, 1),
                                     strict=True)])
             head = model.get_output_embeddings()
-            token_logps = chunked_token_logps(hidden[mb.head_mask], head.weight, mb.labels[mb.head_mask],
+            token_logps = chunked_token_logps(hidden[mb.head_positions], head.weight, mb.head_labels,
                                               chunk_size=args.chunk_size)
         loss, _ = micro_batch_loss(token_logps, mb, beta=args.beta, global_nll_tokens=g_nll, global_pairs=g_pairs)
         return loss

@@ -57,7 +57,7 @@ def run_step(model, optimizer, mb, beta: float, times: dict[str, list[float]]):
     t0 = time.perf_counter()
     hidden = body(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **extra).last_hidden_state
     t1 = time.perf_counter()
-    logps = chunked_token_logps(hidden[0][mb.head_mask], head.weight, mb.labels[mb.head_mask])
+    logps = chunked_token_logps(hidden[0][mb.head_positions], head.weight, mb.head_labels)
     loss, _ = micro_batch_loss(logps, mb, beta=beta, global_nll_tokens=mb.num_nll_tokens, global_pairs=mb.num_pairs)
     t2 = time.perf_counter()
     loss.backward()

@@ -3,6 +3,11 @@
 #
 #   launch/deepspeed.sh                                        # this node, every GPU it has
 #   GPUS_PER_NODE=2 DS_ACCELERATOR=cpu launch/deepspeed.sh     # 2 CPU ranks (gloo), no GPU needed
+#
+# One rank on one node (no HOSTFILE, GPUS_PER_NODE=1) runs `$PYTHON -m orpo_ds train ...` itself, without the
+# launcher: the launcher would only start that one process, behind its own runner and launch processes
+# (~480 MB of resident memory and ~10 s here, benchmarks/RESULTS.md). The trainer then makes its world of one
+# (orpo_ds/engine.py init_distributed); preemption, resume and exit codes are the same.
 #   HOSTFILE=hosts.txt launch/deepspeed.sh                     # lines "host slots=8"; pdsh/ssh to each
 #
 # Environment (all optional):
@@ -14,7 +19,7 @@
 #                   ./.deepspeed_env (NAME=value lines; put DS_ACCELERATOR etc. there) and a few prefixes.
 #   NUM_NODES       use only the first N hosts of HOSTFILE
 #   MASTER_ADDR     default: 127.0.0.1 on one node; the first host of HOSTFILE otherwise
-#   MASTER_PORT     default 29500
+#   MASTER_PORT     default 29500; one rank without a launcher: a free port unless set
 #   DEEPSPEED       the launcher executable (default: deepspeed next to $PYTHON, else `deepspeed`)
 # GPUS_PER_NODE, NUM_NODES and MASTER_PORT must be decimal numbers: anything else exits 2.
 set -uo pipefail
@@ -33,7 +38,6 @@ if [[ -z "${DEEPSPEED:-}" ]]; then
         DEEPSPEED=deepspeed
     fi
 fi
-MASTER_PORT="${MASTER_PORT:-29500}"
 
 LAUNCH=("$DEEPSPEED")
 if [[ -n "${HOSTFILE:-}" ]]; then
@@ -56,9 +60,13 @@ else
             GPUS_PER_NODE=1
         fi
     fi
+    if ((GPUS_PER_NODE == 1)); then
+        orpo_run "${ORPO_CMD[@]}"
+        exit
+    fi
     LAUNCH+=(--num_gpus "$GPUS_PER_NODE" --master_addr "${MASTER_ADDR:-127.0.0.1}")
 fi
-LAUNCH+=(--master_port "$MASTER_PORT" --module "${ORPO_ARGS[@]}")
+LAUNCH+=(--master_port "${MASTER_PORT:-29500}" --module "${ORPO_ARGS[@]}")
 
 # The launcher's own exit code is the first failing rank's; 75 means "preempted, checkpoint saved":
 # run the same command again to resume (train.resume=auto).

@@ -57,11 +57,13 @@ def segments_from_lengths(lengths: Sequence[int]) -> tuple[Segment, ...]:
     return tuple(segments)
 
 
-def resolve_attn_implementation(requested: str) -> str:
-    """``auto`` -> flash_attention_2 where flash-attn and CUDA exist, else :data:`SEGMENTED_SDPA`."""
+def resolve_attn_implementation(requested: str, *, share_prompt: bool = False) -> str:
+    """``auto`` -> flash_attention_2 where flash-attn and CUDA exist, else :data:`SEGMENTED_SDPA`; always
+    :data:`SEGMENTED_SDPA` with a shared prompt (the only backend here that lets a response attend to a
+    prompt outside its own slice of the row)."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if not share_prompt and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return SEGMENTED_SDPA
 
@@ -71,6 +73,11 @@ def backend_kwargs(implementation: str, segments: tuple[Segment, ...], cu_seqlen
     """The extra keyword arguments the decoder body passes down to ``implementation`` for one row."""
     if implementation == SEGMENTED_SDPA:
         return {"attention_segments": segments}
+    if segments and any(seg.context_length for seg in segments):
+        # The dense backends would read the continuing position ids as one long sequence, and varlen gets
+        # one set of boundaries: either way a rejected response would attend to the chosen one.
+        raise ValueError(f"a row with a shared prompt needs attn_implementation={SEGMENTED_SDPA!r}, not "
+                         f"{implementation!r}")
     if implementation in VARLEN_ATTENTION and cu_seqlens is not None:
         return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": max_seqlen,
                 "max_length_k": max_seqlen}

@@ -15,32 +15,34 @@ from orpo_ds.attention import Segment, segments_from_lengths
 from orpo_ds.data import TokenizedPair
 from orpo_ds.logps import IGNORE_INDEX, sequence_mean_logps
 from orpo_ds.loss import orpo_loss
-from orpo_ds.packing import PackedRow, build_row
+from orpo_ds.packing import DEFAULT_LAYOUT, PackedRow, PairLayout, build_row
 
 
 @dataclass(frozen=True)
 class MicroBatch:
     """One packed row, ready for :class:`orpo_ds.model.PolicyWithChunkedHead`.
 
-    T tokens in the row, S sequences, P pairs, M positions that reach the head. The counts are host
-    integers, computed from the row before it reaches the device, so reading them costs no sync.
+    T tokens in the row, S sequences, P pairs, M head targets (a position can be the target of two
+    sequences: a shared prompt's last position predicts both responses' first tokens). The counts are
+    host integers, computed from the row before it reaches the device, so reading them costs no sync.
     """
 
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    labels: torch.Tensor  # [T] next-token targets, IGNORE_INDEX where none
-    head_mask: torch.Tensor  # [T] bool, positions whose log-prob is computed
-    head_seq_id: torch.Tensor  # [M] sequence of each head position
+    head_positions: torch.Tensor  # [M] int64 row position of each head target (may repeat)
+    head_labels: torch.Tensor  # [M] int64 the token each head target scores
+    head_seq_id: torch.Tensor  # [M] sequence of each head target
     head_is_response: torch.Tensor  # [M] bool, counts towards the sequence's average log-prob
     head_is_nll: torch.Tensor  # [M] bool, counts towards the SFT (NLL) term
     chosen_seq: torch.Tensor  # [P] sequence index of each pair's chosen response
     rejected_seq: torch.Tensor  # [P] sequence index of each pair's rejected response
     pair_ids: torch.Tensor  # [P] dataset pair ids (for logs)
     # [S + 1] int32 sequence starts and T, from the packer's lengths: flash-attn varlen's boundaries, given
-    # explicitly so no layer has to derive them from position_ids (a host sync per layer)
-    cu_seqlens: torch.Tensor
+    # explicitly so no layer has to derive them from position_ids (a host sync per layer). None when a
+    # sequence attends to a span outside itself (a shared prompt), which one set of boundaries cannot say.
+    cu_seqlens: torch.Tensor | None
     max_seqlen: int  # longest sequence of the row
-    # the same boundaries as host metadata, for orpo_ds.attention.SEGMENTED_SDPA
+    # the row's attention as host metadata, for orpo_ds.attention.SEGMENTED_SDPA
     segments: tuple[Segment, ...]
     num_sequences: int  # S
     num_tokens: int  # T (0 for a dummy batch: it carries no data)
@@ -48,37 +50,52 @@ class MicroBatch:
     num_nll_tokens: int  # head_is_nll.sum()
     is_dummy: bool = False
 
-    def model_inputs(self) -> dict[str, torch.Tensor | int]:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "labels": self.labels,
-                "head_mask": self.head_mask, "segments": self.segments, "cu_seqlens": self.cu_seqlens,
-                "max_seqlen": self.max_seqlen}
+    def model_inputs(self) -> dict[str, torch.Tensor | int | None]:
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "head_positions": self.head_positions, "head_labels": self.head_labels,
+                "segments": self.segments, "cu_seqlens": self.cu_seqlens, "max_seqlen": self.max_seqlen}
+
+
+def row_segments(row: PackedRow) -> tuple[Segment, ...]:
+    """The attention segments of ``row``: each sequence causal over itself, after its context span."""
+    ends = np.cumsum(row.seq_lengths).tolist()
+    starts = [0, *ends[:-1]]
+    return tuple(Segment(start, end, int(c0), int(c1)) for start, end, c0, c1
+                 in zip(starts, ends, row.seq_context_start.tolist(), row.seq_context_end.tolist(), strict=True))
 
 
 def prepare_micro_batch(row: PackedRow, *, nll_on_prompt: bool, device: torch.device | str = "cpu") -> MicroBatch:
-    """Tensors of ``row`` on ``device``, plus the masks that decide which positions reach the head.
+    """Tensors of ``row`` on ``device``, plus the head targets and their masks.
 
     A position reaches the head when its label is a response token (both responses need their average
-    log-prob), or, with ``nll_on_prompt``, when it predicts a prompt token of a chosen sequence. The masks
-    are computed on the host, from the row's arrays, and copied once.
+    log-prob), or, with ``nll_on_prompt``, when it predicts a prompt token of a chosen sequence; then come
+    the row's extra targets (always response tokens). Computed on the host, from the row's arrays, and
+    copied once.
     """
     nll_token = row.seq_is_chosen[row.seq_id] & (row.labels != IGNORE_INDEX)  # [T]
     if not nll_on_prompt:
         nll_token &= row.response_mask
     head_mask = row.response_mask | nll_token  # [T]
+    extra_nll = row.seq_is_chosen[row.extra_seq]  # [E]
 
     def put(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         # A copy on the CPU too, so that in-place edits of a batch never reach the (frozen) row.
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype, copy=True)
 
+    has_context = bool((row.seq_context_end > row.seq_context_start).any())
+    head_is_nll = np.concatenate([nll_token[head_mask], extra_nll])
     return MicroBatch(
-        input_ids=put(row.input_ids)[None], position_ids=put(row.position_ids)[None], labels=put(row.labels),
-        head_mask=put(head_mask), head_seq_id=put(row.seq_id[head_mask]),
-        head_is_response=put(row.response_mask[head_mask]), head_is_nll=put(nll_token[head_mask]),
+        input_ids=put(row.input_ids)[None], position_ids=put(row.position_ids)[None],
+        head_positions=put(np.concatenate([np.flatnonzero(head_mask), row.extra_position])),
+        head_labels=put(np.concatenate([row.labels[head_mask], row.extra_label])),
+        head_seq_id=put(np.concatenate([row.seq_id[head_mask], row.extra_seq])),
+        head_is_response=put(np.concatenate([row.response_mask[head_mask], np.ones(len(extra_nll), dtype=bool)])),
+        head_is_nll=put(head_is_nll),
         chosen_seq=put(row.chosen_seq), rejected_seq=put(row.rejected_seq), pair_ids=put(row.pair_ids),
-        cu_seqlens=put(np.concatenate([[0], np.cumsum(row.seq_lengths)]), torch.int32),
-        max_seqlen=int(row.seq_lengths.max()), segments=segments_from_lengths(row.seq_lengths.tolist()),
+        cu_seqlens=None if has_context else put(np.concatenate([[0], np.cumsum(row.seq_lengths)]), torch.int32),
+        max_seqlen=int(row.seq_lengths.max()), segments=row_segments(row),
         num_sequences=int(row.seq_lengths.shape[0]),
-        num_tokens=row.num_tokens, num_pairs=row.num_pairs, num_nll_tokens=int(nll_token.sum()))
+        num_tokens=row.num_tokens, num_pairs=row.num_pairs, num_nll_tokens=int(head_is_nll.sum()))
 
 
 def dummy_micro_batch(pad_token_id: int, device: torch.device | str = "cpu") -> MicroBatch:
@@ -92,7 +109,8 @@ def dummy_micro_batch(pad_token_id: int, device: torch.device | str = "cpu") -> 
     return MicroBatch(
         input_ids=torch.full((1, 1), pad_token_id, dtype=torch.long, device=device),
         position_ids=torch.zeros((1, 1), dtype=torch.long, device=device),
-        labels=torch.full((1,), pad_token_id, dtype=torch.long, device=device), head_mask=one,
+        head_positions=torch.zeros(1, dtype=torch.long, device=device),
+        head_labels=torch.full((1,), pad_token_id, dtype=torch.long, device=device),
         head_seq_id=torch.zeros(1, dtype=torch.long, device=device), head_is_response=~one, head_is_nll=~one,
         chosen_seq=empty, rejected_seq=empty, pair_ids=empty,
         cu_seqlens=torch.tensor([0, 1], dtype=torch.int32, device=device), max_seqlen=1,
@@ -101,7 +119,8 @@ def dummy_micro_batch(pad_token_id: int, device: torch.device | str = "cpu") -> 
 
 
 def micro_batches(slots: Sequence[Sequence[int] | None], pairs: Sequence[TokenizedPair], *, nll_on_prompt: bool,
-                  pad_token_id: int, device: torch.device | str = "cpu") -> list[MicroBatch]:
+                  pad_token_id: int, device: torch.device | str = "cpu",
+                  layout: PairLayout = DEFAULT_LAYOUT) -> list[MicroBatch]:
     """One rank's micro-batches of one step, for training and evaluation alike.
 
     Args:
@@ -109,9 +128,11 @@ def micro_batches(slots: Sequence[Sequence[int] | None], pairs: Sequence[Tokeniz
             pair indices of one packed row, or ``None`` where the rank has no row in this step, which runs
             a :func:`dummy_micro_batch` (the one place that rule is applied).
         pairs: the tokenized pairs the indices refer to.
+        layout: the pairs' layout in a row, the one the slots were packed with.
     """
     return [dummy_micro_batch(pad_token_id, device) if slot is None else
-            prepare_micro_batch(build_row([pairs[i] for i in slot]), nll_on_prompt=nll_on_prompt, device=device)
+            prepare_micro_batch(build_row([pairs[i] for i in slot], layout), nll_on_prompt=nll_on_prompt,
+                                device=device)
             for slot in slots]
 
 

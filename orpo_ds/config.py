@@ -109,6 +109,9 @@ class TrainConfig:
     max_steps: int = 0  # > 0 caps the number of optimizer steps; 0 runs `epochs` epochs
     micro_batch_tokens: int = 8192  # token budget of one packed micro-batch (one row)
     grad_accum: int = 1  # micro-batches per rank per optimizer step
+    # Lay each pair out as prompt, chosen, rejected: the prompt is encoded once for both responses
+    # (orpo_ds.packing.SharedPromptLayout; same losses and gradients as without). Needs segmented_sdpa.
+    share_prompt: bool = False
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     eval_steps: int = 0  # evaluate data.eval every N steps (0: only before and after training)
     eval_before: bool = True  # evaluate data.eval before the first step
@@ -170,6 +173,10 @@ class Config:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
     def __post_init__(self):
+        _require(not self.train.share_prompt or self.model.attn_implementation in ("auto", "segmented_sdpa"),
+                 "model.attn_implementation",
+                 f"{self.model.attn_implementation!r} cannot attend to a shared prompt; with train.share_prompt=true "
+                 f"use auto or segmented_sdpa (or set train.share_prompt=false)")
         _require(2 * self.data.max_length <= self.train.micro_batch_tokens,
                  "train.micro_batch_tokens",
                  f"{self.train.micro_batch_tokens} cannot hold one pair of two sequences of up to "

@@ -14,7 +14,7 @@ from orpo_ds.batch import micro_batch_loss, micro_batches
 from orpo_ds.data import TokenizedPair
 from orpo_ds.engine import reduce_to_host
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
-from orpo_ds.packing import plan_epoch
+from orpo_ds.packing import DEFAULT_LAYOUT, PairLayout, plan_epoch
 
 # The figures a user compares between checkpoints, by their metric names.
 HEADLINE = {"rewards/accuracies": "preference accuracy", "log_odds_chosen": "mean log-odds",
@@ -24,15 +24,15 @@ HEADLINE = {"rewards/accuracies": "preference accuracy", "log_odds_chosen": "mea
 @torch.no_grad()
 def evaluate_pairs(forward: Callable[..., torch.Tensor], pairs: list[TokenizedPair], *, micro_batch_tokens: int,
                    beta: float, nll_on_prompt: bool, pad_token_id: int, rank: int = 0, world_size: int = 1,
-                   device: torch.device | str = "cpu") -> dict[str, float]:
+                   device: torch.device | str = "cpu", layout: PairLayout = DEFAULT_LAYOUT) -> dict[str, float]:
     """Metrics (TRL names) of ``pairs`` under ``forward`` (a :class:`PolicyWithChunkedHead` or an engine
     wrapping one). The pairs are packed as one training epoch with one micro-batch per step (seed 0), so
     with several ranks each runs its share and the same number of passes (ZeRO-3 gathers parameters
     collectively); the sums are all-reduced."""
     totals = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=device)  # summed on the device: no host sync
-    for plan in plan_epoch(pairs, micro_batch_tokens, world_size, 1, seed=0, epoch=0):
+    for plan in plan_epoch(pairs, micro_batch_tokens, world_size, 1, seed=0, epoch=0, layout=layout):
         for mb in micro_batches(plan.rows[rank], pairs, nll_on_prompt=nll_on_prompt, pad_token_id=pad_token_id,
-                                device=device):
+                                device=device, layout=layout):
             _, stats = micro_batch_loss(forward(**mb.model_inputs()), mb, beta=beta, global_nll_tokens=1,
                                         global_pairs=1)
             if stats:
@@ -45,10 +45,11 @@ class Evaluator:
 
     def __init__(self, engine, pairs: list[TokenizedPair], *, every: int, total_steps: int, micro_batch_tokens: int,
                  beta: float, nll_on_prompt: bool, pad_token_id: int, rank: int, world_size: int,
-                 device: torch.device):
+                 device: torch.device, layout: PairLayout = DEFAULT_LAYOUT):
         self.engine, self.pairs, self.every, self.total_steps = engine, pairs, every, total_steps
         self.options = dict(micro_batch_tokens=micro_batch_tokens, beta=beta, nll_on_prompt=nll_on_prompt,
-                            pad_token_id=pad_token_id, rank=rank, world_size=world_size, device=device)
+                            pad_token_id=pad_token_id, rank=rank, world_size=world_size, device=device,
+                            layout=layout)
 
     @property
     def enabled(self) -> bool:

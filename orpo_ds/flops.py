@@ -10,6 +10,9 @@ width ``d``, vocabulary ``V``:
                                   (QK^T and AV are 2 * s^2 * d each in full, half of that causally)
   + 6 * V * d * M                 the head, on the M positions that carry a label only
 
+With ``train.share_prompt`` the count is still that of both full sequences, the work of the same step
+without a shared prompt, so MFU then reads as an effective rate that sharing can push up.
+
 Parameters that do not train still cost their forward and the backward through them, so freeze tuning
 reads as a lower MFU rather than a higher one (its backward skips the weight gradients of frozen layers).
 """

@@ -54,7 +54,7 @@ def train_top_layers_only(causal_lm: nn.Module, num_layers: int) -> None:
 class PolicyWithChunkedHead(nn.Module):
     """Runs the decoder body on a packed row, then log-probs of the labelled tokens only.
 
-    Only positions in ``head_mask`` reach the head: with the NLL on responses only that is a minority
+    Only the ``head_positions`` reach the head: with the NLL on responses only that is a minority
     of the tokens, and on a large vocabulary the head dominates the compute.
     """
 
@@ -80,16 +80,17 @@ class PolicyWithChunkedHead(nn.Module):
     def head(self) -> nn.Linear:
         return self.causal_lm.get_output_embeddings()
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                head_mask: torch.Tensor, segments: tuple[attention.Segment, ...] | None = None,
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, head_positions: torch.Tensor,
+                head_labels: torch.Tensor, segments: tuple[attention.Segment, ...] | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         """
         Args:
             input_ids: ``[1, T]`` one packed row.
-            position_ids: ``[1, T]`` restarting at 0 for each sequence; with no attention mask, the
-                dense backends (sdpa/eager) derive the sequence boundaries from them.
-            labels: ``[T]`` next-token target at each position, -100 where none.
-            head_mask: ``[T]`` bool, positions whose log-prob is needed (labels there are valid).
+            position_ids: ``[1, T]`` each sequence's positions; with no attention mask, the dense backends
+                (sdpa/eager) derive the sequence boundaries where they restart at 0.
+            head_positions: ``[M]`` int64 row positions whose hidden state reaches the head; a position
+                may appear twice (a shared prompt's last position predicts both responses).
+            head_labels: ``[M]`` the token each of those positions scores.
             segments: the row's attention segments (host metadata), for
                 :data:`orpo_ds.attention.SEGMENTED_SDPA`.
             cu_seqlens: ``[S + 1]`` int32 sequence boundaries from the packer, and ``max_seqlen`` the
@@ -97,24 +98,25 @@ class PolicyWithChunkedHead(nn.Module):
                 ``max_length_q/k``. Given, transformers skips deriving them from ``position_ids`` in
                 every layer, which reads the device each time.
         Returns:
-            ``[M]`` fp32 log-prob of ``labels[head_mask]``, ``M = head_mask.sum()``.
+            ``[M]`` fp32 log-prob of ``head_labels`` at ``head_positions``.
         """
         body = self.causal_lm.get_decoder()
         row_kwargs = attention.backend_kwargs(self.causal_lm.config._attn_implementation, segments, cu_seqlens,
                                               max_seqlen)
         # use_cache=False: with a KV cache the packed logits no longer equal the separate ones.
         hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **row_kwargs).last_hidden_state
-        selected = hidden[0][head_mask]  # [M, H]
+        # index_select's backward adds up the gradients of a position selected twice.
+        selected = hidden[0].index_select(0, head_positions)  # [M, H]
         head = self.head
         if self.liger.head:
-            return liger_lib.liger_token_logps(selected, head.weight, labels[head_mask], bias=head.bias,
+            return liger_lib.liger_token_logps(selected, head.weight, head_labels, bias=head.bias,
                                                softcap=self.softcap)
-        return chunked_token_logps(selected, head.weight, labels[head_mask], bias=head.bias,
+        return chunked_token_logps(selected, head.weight, head_labels, bias=head.bias,
                                    logit_scale=self.logit_scale, softcap=self.softcap,
                                    chunk_size=self.chunk_size)
 
 
-def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_size: int):
+def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_size: int, share_prompt: bool = False):
     """Load ``model.name_or_path`` (partitioned while loading under ZeRO-3) and wrap it in the policy.
 
     With ``model.liger_kernels`` resolved on, the body's layers run Liger's kernels and the head its fused
@@ -123,7 +125,7 @@ def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_s
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    attn = attention.resolve_attn_implementation(m.attn_implementation)
+    attn = attention.resolve_attn_implementation(m.attn_implementation, share_prompt=share_prompt)
     try:
         # Liger is decided from the config, before the weights load: an impossible model.liger_kernels=on
         # fails in seconds rather than after the load.

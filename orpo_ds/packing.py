@@ -46,11 +46,10 @@ The chosen response scores 21, 22, 2 (at t = 1, 2, 3); the rejected one 31, 2 (a
 would "predict" the first token of the next sequence, so its label is -100.
 
 Layouts. A :class:`PairLayout` decides how a pair's tokens sit in a row: it reports ``num_tokens(pair)``
-(what the packer budgets) and emits :class:`Segment` objects (what the row builder concatenates). A later
-``SharedPrefixLayout`` (prompt once; chosen after it; rejected with position ids continuing from the
-prompt end) slots in as another layout: it emits its own segments and sets ``needs_attention_mask``, and
-only :func:`build_row` and ``prepare_micro_batch`` learn to turn that into a block mask. The callers of
-:func:`pack_pairs` and ``prepare_micro_batch`` do not change.
+(what the packer budgets) and emits :class:`Segment` objects (what the row builder concatenates).
+:class:`SeparateSequencesLayout` (above) stores the prompt twice; :class:`SharedPromptLayout`
+(``train.share_prompt``) stores it once, and its docstring works the same pair through. The callers of
+:func:`pack_pairs` and ``prepare_micro_batch`` do not change with the layout.
 """
 
 from __future__ import annotations
@@ -60,7 +59,6 @@ import heapq
 from bisect import bisect_left, insort
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
@@ -68,7 +66,8 @@ from orpo_ds.data.pairs import TokenizedPair  # the input, made by the data pipe
 from orpo_ds.logps import IGNORE_INDEX  # the label the log-prob head skips
 
 __all__ = [
-    "Segment", "PairLayout", "SeparateSequencesLayout", "DEFAULT_LAYOUT", "PackedRow", "pack_pairs",
+    "Segment", "PairLayout", "SeparateSequencesLayout", "SharedPromptLayout", "DEFAULT_LAYOUT", "layout_for",
+    "PackedRow", "pack_pairs",
     "packing_efficiency", "plan_steps", "StepPlan", "plan_epoch", "plan_run", "build_row",
 ]
 
@@ -82,9 +81,10 @@ _FIX = "raise train.micro_batch_tokens to >= {n} or lower data.max_length"
 class Segment:
     """One sequence of a row (one ``seq_id``), as a layout places it. Arrays are ``[L]``.
 
-    With :class:`SeparateSequencesLayout` it is prompt + response with positions from 0. A shared-prefix
-    layout would emit prompt + chosen, then the rejected response alone with positions continuing from the
-    prompt end (and describe what it attends to).
+    With :class:`SeparateSequencesLayout` it is prompt + response with positions from 0. With
+    :class:`SharedPromptLayout` the chosen sequence is prompt + chosen, and the rejected one holds only its
+    response and *borrows* the prompt: it attends to the first ``context_tokens`` tokens of the segment
+    before it, and the last of those tokens predicts its first token, ``context_label``.
 
     Attributes:
         input_ids: ``[L]`` int64.
@@ -92,6 +92,10 @@ class Segment:
         labels: ``[L]`` int64, next-token target of each position, ``IGNORE_INDEX`` where none.
         response_mask: ``[L]`` bool, True where ``labels`` is a response token.
         is_chosen: whether the sequence is the pair's chosen (else rejected) one.
+        context_tokens: tokens at the start of the previous segment that this one attends to before its
+            own (0: none).
+        context_label: the response token the last context token predicts for this sequence (a second
+            target of that position), ``IGNORE_INDEX`` when ``context_tokens`` is 0.
     """
 
     input_ids: np.ndarray
@@ -99,16 +103,14 @@ class Segment:
     labels: np.ndarray
     response_mask: np.ndarray
     is_chosen: bool
+    context_tokens: int = 0
+    context_label: int = IGNORE_INDEX
 
 
 class PairLayout(abc.ABC):
     """How a pair's tokens are laid out in a row. Stateless; subclasses must keep
     ``num_tokens(pair) == sum(len(s.input_ids) for s in segments(pair))`` (build_row checks it), since the
     packer budgets with the former and the row is built from the latter."""
-
-    # True for layouts whose sequences cannot be told apart from position ids alone (e.g. a shared prefix):
-    # those need an explicit attention mask, which the separate layout never does.
-    needs_attention_mask: ClassVar[bool] = False
 
     @abc.abstractmethod
     def num_tokens(self, pair: TokenizedPair) -> int:
@@ -144,7 +146,60 @@ class SeparateSequencesLayout(PairLayout):
                 _sequence_segment(pair.prompt_ids, pair.rejected_ids, is_chosen=False)]
 
 
+class SharedPromptLayout(PairLayout):
+    """Prompt once: ``[prompt + chosen]`` then ``[rejected]``, ``len(prompt) + len(chosen) + len(rejected)``
+    tokens. The rejected response attends to the prompt's keys and values, never to the chosen ones, and
+    its position ids continue from the prompt's end, so every token sees exactly what it sees in
+    :class:`SeparateSequencesLayout` and gets the same hidden state.
+
+    The first chosen token and the first rejected token are both predicted from the prompt's last
+    position: that position carries the chosen token as its label, and the rejected segment names the
+    rejected token as its ``context_label``, which ``build_row`` turns into a second head target of the
+    same position (``PackedRow.extra_*``).
+
+    Worked example: the pair of the module docstring, prompt ``(11, 12)``, chosen ``(21, 22, 2)``, rejected
+    ``(31, 2)``; ``T = 7`` instead of 9::
+
+        t               0    1    2    3    4  |  5    6
+        input_ids      11   12   21   22    2  | 31    2
+        position_ids    0    1    2    3    4  |  2    3
+        labels         12   21   22    2 -100  |  2 -100
+        response_mask   F    T    T    T    F  |  T    F
+        seq_id          0    0    0    0    0  |  1    1
+        attends to      causal over 0..t       |  0, 1, then causal over 5..t
+
+        extra target: position 1 (token 12) -> label 31, sequence 1, a response token
+
+    The chosen response scores 21, 22, 2 at t = 1, 2, 3; the rejected one 31 at t = 1 (the extra target)
+    and 2 at t = 5: the same five log-probs as the separate layout. The prompt-predicting target (t = 0)
+    belongs to the chosen sequence, so ``nll_on_prompt`` counts the prompt once, as without sharing. An
+    empty prompt leaves nothing to share: the two responses are then laid out as separate sequences.
+    """
+
+    def num_tokens(self, pair: TokenizedPair) -> int:
+        return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+    def segments(self, pair: TokenizedPair) -> list[Segment]:
+        prompt = pair.prompt_ids
+        chosen = _sequence_segment(prompt, pair.chosen_ids, is_chosen=True)
+        if not prompt:
+            return [chosen, _sequence_segment((), pair.rejected_ids, is_chosen=False)]
+        rejected = np.asarray(pair.rejected_ids, dtype=np.int64)
+        labels = np.full(rejected.shape[0], IGNORE_INDEX, dtype=np.int64)
+        labels[:-1] = rejected[1:]
+        response_mask = np.zeros(rejected.shape[0], dtype=bool)
+        response_mask[:-1] = True
+        positions = np.arange(len(prompt), len(prompt) + rejected.shape[0], dtype=np.int64)
+        return [chosen, Segment(rejected, positions, labels, response_mask, is_chosen=False,
+                                context_tokens=len(prompt), context_label=int(rejected[0]))]
+
+
 DEFAULT_LAYOUT: PairLayout = SeparateSequencesLayout()
+
+
+def layout_for(share_prompt: bool) -> PairLayout:
+    """The layout of ``train.share_prompt``."""
+    return SharedPromptLayout() if share_prompt else DEFAULT_LAYOUT
 
 
 # ------------------------------------------------------------------------------------------ the packer
@@ -335,11 +390,12 @@ def plan_epoch(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_si
 
 
 def plan_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
-             seed: int, epochs: int, max_steps: int = 0) -> list[StepPlan]:
+             seed: int, epochs: int, max_steps: int = 0, layout: PairLayout = DEFAULT_LAYOUT) -> list[StepPlan]:
     """The whole run's steps: ``epochs`` epochs (each packed afresh), cut at ``max_steps`` when > 0."""
     steps: list[StepPlan] = []
     for epoch in range(epochs):
-        steps += plan_epoch(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epoch=epoch)
+        steps += plan_epoch(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epoch=epoch,
+                            layout=layout)
         if max_steps and len(steps) >= max_steps:
             break
     return steps[:max_steps] if max_steps else steps
@@ -365,6 +421,12 @@ class PackedRow:
         chosen_seq, rejected_seq: ``[P]`` int64, the sequence index of each pair's chosen / rejected
             response, in pair order.
         pair_ids: ``[P]`` int64, ``TokenizedPair.pair_id`` in pair order.
+        seq_context_start, seq_context_end: ``[S]`` int64, the span of the row each sequence attends to
+            before its own tokens (equal: none; see :class:`SharedPromptLayout`).
+        extra_position, extra_label, extra_seq: ``[E]`` int64, head targets beyond ``labels``: position
+            ``extra_position[e]`` also predicts response token ``extra_label[e]`` of sequence
+            ``extra_seq[e]`` (a shared prompt's last position predicting the rejected response's first
+            token). ``E = 0`` without a shared prompt.
         num_pairs: ``P >= 1``.
     """
 
@@ -380,6 +442,11 @@ class PackedRow:
     chosen_seq: np.ndarray
     rejected_seq: np.ndarray
     pair_ids: np.ndarray
+    seq_context_start: np.ndarray
+    seq_context_end: np.ndarray
+    extra_position: np.ndarray
+    extra_label: np.ndarray
+    extra_seq: np.ndarray
     num_pairs: int
 
     def __post_init__(self) -> None:
@@ -389,13 +456,17 @@ class PackedRow:
         for name in ("position_ids", "labels", "response_mask", "seq_id"):
             if getattr(self, name).shape != t:
                 raise ValueError(f"PackedRow.{name} has shape {getattr(self, name).shape}, expected {t}")
-        for name in ("seq_pair_index", "seq_pair_id", "seq_is_chosen"):
+        for name in ("seq_pair_index", "seq_pair_id", "seq_is_chosen", "seq_context_start", "seq_context_end"):
             if getattr(self, name).shape != s:
                 raise ValueError(f"PackedRow.{name} has shape {getattr(self, name).shape}, expected {s}")
         for name in ("chosen_seq", "rejected_seq", "pair_ids"):
             if getattr(self, name).shape != (self.num_pairs,):
                 raise ValueError(f"PackedRow.{name} has shape {getattr(self, name).shape}, expected "
                                  f"({self.num_pairs},)")
+        e = self.extra_position.shape
+        for name in ("extra_label", "extra_seq"):
+            if getattr(self, name).shape != e:
+                raise ValueError(f"PackedRow.{name} has shape {getattr(self, name).shape}, expected {e}")
         if int(self.seq_lengths.sum()) != t[0]:
             raise ValueError(f"PackedRow.seq_lengths sum to {int(self.seq_lengths.sum())}, not T={t[0]}")
 
@@ -408,7 +479,7 @@ class PackedRow:
 
 def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOUT) -> PackedRow:
     """Lay the pairs of one bin out in one row: pair by pair, each pair's segments in the layout's order
-    (chosen, then rejected, for :class:`SeparateSequencesLayout`). See the module docstring's example.
+    (chosen, then rejected). See the module docstring's example, and :class:`SharedPromptLayout`'s.
 
     Args:
         pairs: ``P >= 1`` pairs (an empty slot runs ``orpo_ds.batch.dummy_micro_batch`` instead).
@@ -416,9 +487,6 @@ def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOU
     Returns:
         A :class:`PackedRow` with ``T = sum(layout.num_tokens(p))`` tokens.
     """
-    if layout.needs_attention_mask:
-        raise NotImplementedError(f"{type(layout).__name__} needs an attention mask, which build_row does "
-                                  "not build yet")
     if not pairs:
         raise ValueError("build_row needs at least one pair; an empty slot runs orpo_ds.batch.dummy_micro_batch")
     segments: list[Segment] = []
@@ -426,19 +494,33 @@ def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOU
     seq_pair_id: list[int] = []
     chosen_seq: list[int] = []
     rejected_seq: list[int] = []
+    context: list[tuple[int, int]] = []  # per sequence: the attended span before its own tokens
+    extras: list[tuple[int, int, int]] = []  # (position, label, sequence)
+    start = 0
     for index, pair in enumerate(pairs):
         pair_segments = layout.segments(pair)
         laid_out = sum(len(s.input_ids) for s in pair_segments)
         if laid_out != layout.num_tokens(pair):
             raise ValueError(f"{type(layout).__name__} laid out {laid_out} tokens for pair {pair.pair_id} "
                              f"but num_tokens says {layout.num_tokens(pair)}: the packer's budget is wrong")
-        for offset, segment in enumerate(pair_segments):
-            (chosen_seq if segment.is_chosen else rejected_seq).append(len(segments) + offset)
-        segments.extend(pair_segments)
+        previous_start = start
+        for segment in pair_segments:
+            seq = len(segments)
+            (chosen_seq if segment.is_chosen else rejected_seq).append(seq)
+            if segment.context_tokens:
+                span = (previous_start, previous_start + segment.context_tokens)
+                context.append(span)
+                extras.append((span[1] - 1, segment.context_label, seq))
+            else:
+                context.append((start, start))
+            segments.append(segment)
+            previous_start, start = start, start + len(segment.input_ids)
         seq_pair_index.extend([index] * len(pair_segments))
         seq_pair_id.extend([pair.pair_id] * len(pair_segments))
 
     seq_lengths = np.array([len(s.input_ids) for s in segments], dtype=np.int64)
+    spans = np.array(context, dtype=np.int64).reshape(-1, 2)
+    extra = np.array(extras, dtype=np.int64).reshape(-1, 3)
     return PackedRow(
         input_ids=np.concatenate([s.input_ids for s in segments]),
         position_ids=np.concatenate([s.position_ids for s in segments]),
@@ -452,5 +534,7 @@ def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOU
         chosen_seq=np.array(chosen_seq, dtype=np.int64),
         rejected_seq=np.array(rejected_seq, dtype=np.int64),
         pair_ids=np.array([p.pair_id for p in pairs], dtype=np.int64),
+        seq_context_start=spans[:, 0].copy(), seq_context_end=spans[:, 1].copy(),
+        extra_position=extra[:, 0].copy(), extra_label=extra[:, 1].copy(), extra_seq=extra[:, 2].copy(),
         num_pairs=len(pairs),
     )

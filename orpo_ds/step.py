@@ -126,12 +126,15 @@ class StepRecorder:
 
     def __call__(self, step: int, plan: StepPlan, stats: StepStats, *, lr: float, grad_norm: float,
                  seconds: float) -> dict[str, Any]:
+        lengths, head_positions = step_shape(plan, self.pairs, self.nll_on_prompt)
+        # tokens: what the rows held; sequence_tokens: both sequences of every pair, the prompt in each, as
+        # a trainer without a shared prompt (TRL) counts them. They differ only with train.share_prompt.
         record = {"step": step, "epoch": plan.epoch, **orpo_metrics(stats.sums, self.beta), "grad_norm": grad_norm,
                   "lr": lr, "pairs": int(stats.sums["pairs"]), "tokens": int(stats.tokens),
-                  "tokens_per_s": stats.tokens / seconds,
+                  "sequence_tokens": sum(lengths), "tokens_per_s": stats.tokens / seconds,
                   "packing_efficiency": stats.tokens / (plan.num_filled_rows * self.micro_batch_tokens),
                   "step_s": seconds}
         if self.peak_flops:
-            flops = step_flops(self.model_config, *step_shape(plan, self.pairs, self.nll_on_prompt))
+            flops = step_flops(self.model_config, lengths, head_positions)
             record["mfu"] = flops / seconds / (self.peak_flops * self.world_size)
         return record

@@ -29,7 +29,7 @@ from orpo_ds.export import export_trained
 from orpo_ds.flops import peak_flops
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, build_policy
-from orpo_ds.packing import StepPlan, plan_run
+from orpo_ds.packing import StepPlan, layout_for, plan_run
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics
 from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, atomic_write, check_export_target
@@ -141,7 +141,8 @@ class Run:
 
     def micro_batches(self, plan: StepPlan) -> list[MicroBatch]:
         return micro_batches(plan.rows[self.info.rank], self.train_pairs, nll_on_prompt=self.cfg.loss.nll_on_prompt,
-                             pad_token_id=self.pad_token_id, device=self.info.device)
+                             pad_token_id=self.pad_token_id, device=self.info.device,
+                             layout=layout_for(self.cfg.train.share_prompt))
 
 
 def start_run(cfg: Config) -> Run:
@@ -160,13 +161,15 @@ def start_run(cfg: Config) -> Run:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)
     eval_pairs = load_pairs(cfg.data.eval, tokenizer, cfg, info) if cfg.data.eval else []
+    layout = layout_for(t.share_prompt)
     steps = plan_run(train_pairs, t.micro_batch_tokens, info.world_size, t.grad_accum, seed=t.seed, epochs=t.epochs,
-                     max_steps=t.max_steps)
+                     max_steps=t.max_steps, layout=layout)
     identity = ckpt_lib.run_identity(cfg, info.world_size, train_pairs, tokenizer)
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
     resume_from = prepare_output_dir(cfg, info, identity, log)
 
-    policy, keepalive = build_policy(cfg.model, ds_config, dtype, chunk_size=cfg.loss.chunk_size)
+    policy, keepalive = build_policy(cfg.model, ds_config, dtype, chunk_size=cfg.loss.chunk_size,
+                                     share_prompt=t.share_prompt)
     model_config = policy.causal_lm.config
     # MFU against the bf16 table only in bf16: an fp32 run on a GPU needs train.peak_tflops to get one.
     device_name = torch.cuda.get_device_name(info.device) if info.on_gpu and dtype == torch.bfloat16 else None
@@ -181,7 +184,7 @@ def start_run(cfg: Config) -> Run:
     evaluator = Evaluator(engine, eval_pairs, every=t.eval_steps, total_steps=len(steps),
                           micro_batch_tokens=t.micro_batch_tokens, beta=cfg.loss.beta,
                           nll_on_prompt=cfg.loss.nll_on_prompt, pad_token_id=pad_id, rank=info.rank,
-                          world_size=info.world_size, device=info.device)
+                          world_size=info.world_size, device=info.device, layout=layout)
     recorder = StepRecorder(beta=cfg.loss.beta, micro_batch_tokens=t.micro_batch_tokens, pairs=train_pairs,
                             nll_on_prompt=cfg.loss.nll_on_prompt, model_config=model_config, peak_flops=peak,
                             world_size=info.world_size)

@@ -49,6 +49,17 @@ def test_deepspeed_sh_runs_two_cpu_ranks(tiny_model, synthetic_data, tmp_path):
     assert (out / "final" / "config.json").is_file()
 
 
+def test_deepspeed_sh_runs_one_rank_without_the_launcher(tiny_model, synthetic_data, tmp_path):
+    out = tmp_path / "run"
+    overrides = " ".join(base_overrides(tiny_model, synthetic_data, out, **{"train.max_steps": 3}))
+    proc = run_script("deepspeed.sh", {"GPUS_PER_NODE": "1", "DS_ACCELERATOR": "cpu", "CONFIG": "",
+                                       "OVERRIDES": overrides, "MASTER_PORT": None}, cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "deepspeed.launcher.launch" not in proc.stdout + proc.stderr  # the launcher logs its command line
+    assert train_steps(out / "metrics.jsonl") == [1, 2, 3]
+    assert (out / "final" / "config.json").is_file()
+
+
 def test_smoke_1gpu_passes_on_cpu(tmp_path):
     proc = run_script("smoke_1gpu.sh", {"SMOKE_DIR": str(tmp_path / "smoke"), "DS_ACCELERATOR": "cpu"}, cwd=tmp_path)
     lines = proc.stdout.strip().splitlines()

@@ -66,7 +66,7 @@ def test_micro_batch_pair_bookkeeping():
     assert mb.pair_ids.tolist() == [100, 101, 102]
     # Responses only: NLL tokens are the chosen response tokens (EOS included).
     assert mb.num_nll_tokens == sum(len(p.chosen_ids) for p in pairs)
-    assert int(mb.head_mask.sum()) == sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    assert mb.head_positions.numel() == sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     with_prompt = prepare_micro_batch(build_row(pairs), nll_on_prompt=True)
     # Each chosen sequence predicts all its tokens but the first.
     assert with_prompt.num_nll_tokens == sum(len(p.prompt_ids) + len(p.chosen_ids) - 1 for p in pairs)

@@ -127,7 +127,8 @@ def test_granite_logits_scaling_is_part_of_the_torch_head():
     ids = torch.randint(0, V, (1, 11))
     labels = torch.cat([ids[0, 1:], torch.tensor([-100])])
     mask = labels != -100
-    got = PolicyWithChunkedHead(model, chunk_size=4)(ids, torch.arange(11)[None], labels, mask)
+    got = PolicyWithChunkedHead(model, chunk_size=4)(ids, torch.arange(11)[None], mask.nonzero().squeeze(1),
+                                                        labels[mask])
     want = model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)[mask].gather(
         1, labels[mask][:, None]).squeeze(1)
     torch.testing.assert_close(got, want, **FP32_TOL)
@@ -212,7 +213,8 @@ def test_the_policy_hands_the_head_weight_to_liger_and_matches_the_torch_head(st
 
     def run(liger):
         model.zero_grad()
-        out = PolicyWithChunkedHead(model, chunk_size=5, liger=liger)(ids, position_ids, labels, mask)
+        out = PolicyWithChunkedHead(model, chunk_size=5, liger=liger)(ids, position_ids,
+                                                                   mask.nonzero().squeeze(1), labels[mask])
         (out * up).sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -292,7 +294,8 @@ def test_off_or_auto_on_the_cpu_imports_nothing_of_liger(tmp_path):
             policy, _ = build_policy(ModelConfig(name_or_path={str(tmp_path / "m")!r}, liger_kernels=option), {{}},
                                      torch.float32, chunk_size=8)
             labels = torch.tensor([5, 6, -100, 7])
-            out = policy(torch.tensor([[1, 5, 6, 3]]), torch.arange(4)[None], labels, labels != -100,
+            out = policy(torch.tensor([[1, 5, 6, 3]]), torch.arange(4)[None], (labels != -100).nonzero().squeeze(1),
+                         labels[labels != -100],
                          segments=segments_from_lengths([4]))
             out.sum().backward()
             print(option, policy.liger)

@@ -162,13 +162,15 @@ def test_micro_batch_shapes_dtypes_and_no_aliasing():
     row = build_row([TokenizedPair(7, (11, 12), (21, 22, 2), (31, 2))])
     mb = prepare_micro_batch(row, nll_on_prompt=False)
     assert mb.input_ids.shape == (1, 9) and mb.position_ids.shape == (1, 9)
-    assert mb.labels.shape == (9,) and mb.head_mask.shape == (9,)
-    assert mb.input_ids.dtype == torch.int64 and mb.labels.dtype == torch.int64 and mb.head_mask.dtype == torch.bool
+    # Responses only: the chosen response is scored at t = 1, 2, 3, the rejected one at t = 6, 7.
+    assert mb.head_positions.tolist() == [1, 2, 3, 6, 7] and mb.head_labels.tolist() == [21, 22, 2, 31, 2]
+    assert mb.head_seq_id.tolist() == [0, 0, 0, 1, 1] and mb.head_is_nll.tolist() == [True] * 3 + [False] * 2
+    assert mb.input_ids.dtype == torch.int64 and mb.head_labels.dtype == torch.int64
     assert mb.cu_seqlens.tolist() == [0, 5, 9] and mb.cu_seqlens.dtype == torch.int32 and mb.max_seqlen == 5
     assert (mb.num_pairs, mb.num_sequences, mb.num_tokens, mb.num_nll_tokens) == (1, 2, 9, 3)
     assert mb.chosen_seq.tolist() == [0] and mb.rejected_seq.tolist() == [1] and mb.pair_ids.tolist() == [7]
-    mb.labels[0] = 0
-    assert row.labels[0] == 12  # editing the batch leaves the row alone
+    mb.input_ids[0, 0] = 0
+    assert row.input_ids[0] == 11  # editing the batch leaves the row alone
 
 
 # -------------------------------------------------------------------------------------------- packer

@@ -108,7 +108,18 @@ def test_only_plain_decimal_numbers_pass(value):
 def test_a_plain_number_or_empty_passes():
     cmd = deepspeed_tail(run(["bash", str(LAUNCH / "deepspeed.sh")], GPUS_PER_NODE="16", MASTER_PORT="29555"))
     assert cmd[:2] == ["--num_gpus", "16"] and cmd[4:6] == ["--master_port", "29555"]
-    deepspeed_tail(run(["bash", str(LAUNCH / "deepspeed.sh")], GPUS_PER_NODE="", MASTER_PORT=""))  # defaults
+    cmd = deepspeed_tail(run(["bash", str(LAUNCH / "deepspeed.sh")], GPUS_PER_NODE="2", MASTER_PORT=""))
+    assert cmd[4:6] == ["--master_port", "29500"]  # the default
+
+
+@pytest.mark.parametrize("gpus_per_node", ["1", ""])  # "": no nvidia-smi GPU here, or DS_ACCELERATOR=cpu
+def test_one_rank_on_one_node_runs_the_trainer_without_the_launcher(gpus_per_node):
+    proc = run(["bash", str(LAUNCH / "deepspeed.sh")], GPUS_PER_NODE=gpus_per_node, DS_ACCELERATOR="cpu",
+               PYTHON="/venv/bin/python", OVERRIDES="train.lr=5e-5")
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    assert shlex.split(line) == ["/venv/bin/python", "-m", "orpo_ds", "train", "--config", "configs/demo.yaml",
+                                 "train.lr=5e-5"]
 
 
 def test_the_readme_sbatch_dry_run_still_works():
