@@ -9,8 +9,11 @@ the row budget.
 Backends (``model.attn_implementation``):
 
 * ``flash_attention_2`` / ``flash_attention_3``: flash-attn varlen, from ``cu_seqlens`` (CUDA only).
-* :data:`SEGMENTED_SDPA`: sdpa per :class:`Segment`, registered with transformers' ``AttentionInterface``
-  on import. The default wherever flash-attn is not usable, CPU included.
+* :data:`SEGMENTED_SDPA`: registered with transformers' ``AttentionInterface`` on import; the default
+  wherever flash-attn is not usable (CPU included), and the one backend for a shared prompt. It runs sdpa
+  per :class:`Segment`, or on CUDA with flash-attn one varlen call over all of them, with the keys of
+  each segment gathered as its context followed by its own (separate ``cu_seqlens_q`` / ``cu_seqlens_k``;
+  flash-attn's causal mask is aligned to the bottom right when a segment has more keys than queries).
 * ``sdpa`` / ``eager``: transformers' own, with the dense mask (the reference the tests compare against).
 
 The segment metadata is host-side, built once per micro-batch from the packer's lengths, so no layer
@@ -21,7 +24,9 @@ with the other response of its pair).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,6 +109,10 @@ def segmented_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                              "flash_attention_2 for this model")
     if query.shape[0] != 1:
         raise ValueError(f"{SEGMENTED_SDPA} takes one packed row, got a batch of {query.shape[0]}")
+    # flash-attn: CUDA, half precision, no dropout; anything else takes the sdpa loop below.
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 \
+            and _flash_varlen() is not None:
+        return _flash_segments(query, key, value, attention_segments, scaling), None
     gqa = query.shape[1] != key.shape[1]
     # split, not slicing: the backward of a split is one cat, where each slice's backward would zero-fill a
     # whole [1, H, T, D] gradient (S of them per layer).
@@ -126,6 +135,55 @@ def segmented_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                                                  enable_gqa=gqa)
         outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _flash_varlen():
+    """flash-attn's ``flash_attn_varlen_func``, or None where flash-attn is not installed."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
+
+
+@dataclass(frozen=True)
+class VarlenPlan:
+    """One flash-attn varlen call for a row's segments. ``Tq = T`` queries in row order; ``Tk`` keys: each
+    segment's context positions, then its own."""
+
+    key_index: torch.Tensor  # [Tk] int64 row position of each gathered key
+    cu_seqlens_q: torch.Tensor  # [S + 1] int32
+    cu_seqlens_k: torch.Tensor  # [S + 1] int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+@functools.lru_cache(maxsize=4)
+def varlen_plan(segments: tuple[Segment, ...], device: torch.device) -> VarlenPlan:
+    """The :class:`VarlenPlan` of ``segments`` on ``device``, built on the host once per row (every layer
+    of the forward and the backward reuses it: no per-layer copy or sync)."""
+    keys = [list(range(seg.context_start, seg.context_end)) + list(range(seg.start, seg.end)) for seg in segments]
+    q_lengths = [seg.end - seg.start for seg in segments]
+    k_lengths = [len(k) for k in keys]
+
+    def cumulative(lengths: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+    return VarlenPlan(torch.tensor([i for k in keys for i in k], dtype=torch.long, device=device),
+                      cumulative(q_lengths), cumulative(k_lengths), max(q_lengths), max(k_lengths))
+
+
+def _flash_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: tuple[Segment, ...],
+                    scaling: float | None) -> torch.Tensor:
+    """The segments through one ``flash_attn_varlen_func`` call. Shapes as :func:`segmented_sdpa`;
+    returns ``[1, T, H, D]``."""
+    plan = varlen_plan(segments, query.device)
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    k = key[0].transpose(0, 1).index_select(0, plan.key_index)  # [Tk, H_kv, D]
+    v = value[0].transpose(0, 1).index_select(0, plan.key_index)
+    out = _flash_varlen()(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q,
+                                      plan.max_seqlen_k, softmax_scale=scaling, causal=True)
+    return out[None]
 
 
 def _register() -> None:

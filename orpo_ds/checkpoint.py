@@ -211,6 +211,10 @@ def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path) -> None
         if getattr(state, key) != getattr(new, key):
             problems.append(f"train.{key} {getattr(state, key)} -> {getattr(new, key)} (it changes which pairs "
                             f"each step holds)")
+    shared = [run.config.get("train", {}).get("share_prompt", False) for run in (state, new)]
+    if shared[0] != shared[1]:
+        problems.append(f"train.share_prompt {str(shared[0]).lower()} -> {str(shared[1]).lower()} (a pair's length "
+                        f"in a row, and so which pairs each step holds, depends on it)")
     if state.num_pairs != new.num_pairs:
         problems.append(f"training pairs {state.num_pairs} -> {new.num_pairs} (different data)")
     if state.model != new.model:

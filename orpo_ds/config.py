@@ -87,11 +87,14 @@ class DataConfig:
 class LossConfig:
     beta: float = 0.1  # weight of the odds-ratio term (the paper's lambda)
     nll_on_prompt: bool = False  # True: the SFT term also counts the chosen prompt tokens (TRL's behaviour)
-    chunk_size: int = 1024  # tokens per chunk of the log-prob head
+    # tokens per chunk of the log-prob head; null: orpo_ds.logps.auto_chunk_size (1024, fewer for
+    # vocabularies above 64k so that the fp32 [chunk, V] buffer stays within 256 MiB)
+    chunk_size: int | None = None
 
     def __post_init__(self):
         _require(self.beta >= 0, "loss.beta", f"must be >= 0, got {self.beta}")
-        _require(self.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {self.chunk_size}")
+        _require(self.chunk_size is None or self.chunk_size >= 1, "loss.chunk_size",
+                 f"must be >= 1 or null (auto), got {self.chunk_size}")
 
 
 @dataclass(frozen=True)

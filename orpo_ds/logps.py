@@ -21,7 +21,19 @@ from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "chunked_token_logps", "sequence_logp_sums", "sequence_mean_logps"]
+__all__ = ["IGNORE_INDEX", "auto_chunk_size", "chunked_token_logps", "sequence_logp_sums", "sequence_mean_logps"]
+
+# The fp32 [chunk, V] buffer auto_chunk_size keeps to: 1024 tokens up to a 64k vocabulary, 512 at
+# Llama-3's 128k. Time barely depends on the chunk between 512 and 2048 tokens (benchmarks/RESULTS.md),
+# while at V = 128256 a 1024-token chunk alone holds 525 MB.
+AUTO_CHUNK_BYTES = 256 * 2**20
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per head chunk for ``loss.chunk_size: null``: at most 1024, at least 64, a multiple of 64,
+    and an fp32 ``[chunk, vocab_size]`` buffer of at most :data:`AUTO_CHUNK_BYTES` where that allows 64."""
+    fitting = AUTO_CHUNK_BYTES // (4 * vocab_size) // 64 * 64
+    return max(64, min(1024, fitting))
 
 
 def chunked_token_logps(

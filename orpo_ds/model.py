@@ -18,7 +18,7 @@ from orpo_ds import attention
 from orpo_ds import engine as eng_lib
 from orpo_ds import liger as liger_lib
 from orpo_ds.config import ConfigError, ModelConfig
-from orpo_ds.logps import chunked_token_logps
+from orpo_ds.logps import auto_chunk_size, chunked_token_logps
 
 
 def final_logit_scale(config) -> float:
@@ -62,12 +62,12 @@ class PolicyWithChunkedHead(nn.Module):
     # dict are the model's own keys under this prefix.
     STATE_PREFIX = "causal_lm."
 
-    def __init__(self, causal_lm: nn.Module, chunk_size: int = 1024,
+    def __init__(self, causal_lm: nn.Module, chunk_size: int | None = None,
                  liger: liger_lib.LigerChoice = liger_lib.LIGER_OFF):
         super().__init__()
         self.causal_lm = causal_lm
-        self.chunk_size = chunk_size
         config = causal_lm.config
+        self.chunk_size = chunk_size or auto_chunk_size(config.vocab_size)
         # Final-logit transforms some architectures define (Gemma-2 soft-capping, Cohere/Granite scales).
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_scale = final_logit_scale(config)
@@ -116,7 +116,8 @@ class PolicyWithChunkedHead(nn.Module):
                                    chunk_size=self.chunk_size)
 
 
-def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_size: int, share_prompt: bool = False):
+def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_size: int | None,
+                 share_prompt: bool = False):
     """Load ``model.name_or_path`` (partitioned while loading under ZeRO-3) and wrap it in the policy.
 
     With ``model.liger_kernels`` resolved on, the body's layers run Liger's kernels and the head its fused

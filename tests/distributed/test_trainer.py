@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orpo_ds.config import load_config
 from orpo_ds.data import load_records, tokenize_pairs
 from orpo_ds.metrics import read_metrics
-from orpo_ds.packing import plan_run
+from orpo_ds.packing import layout_for, plan_run
 from tests.distributed.conftest import REPO, base_overrides, launch, run_env
 from tests.helpers.reference import reference_step_loss, reference_train
 from tests.helpers.synthetic import write_pairs
@@ -81,7 +81,8 @@ def test_learnable_task_loss_falls_and_accuracy_rises(learnable_run):
 def _plan(pairs, cfg):
     """The trainer's step plan for 2 ranks."""
     t = cfg.train
-    return plan_run(pairs, t.micro_batch_tokens, 2, t.grad_accum, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps)
+    return plan_run(pairs, t.micro_batch_tokens, 2, t.grad_accum, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps,
+                    layout=layout_for(t.share_prompt))
 
 
 def _reference_setup(tiny_model, data_file, out, extra):
@@ -104,11 +105,15 @@ def _freeze_all_but_last_layer_by_hand(model) -> None:
 
 # ZeRO-0 too: there DeepSpeed clips with a norm it does not report, so the engine measures grad_norm itself.
 # Freeze tuning under ZeRO-3: frozen partitioned weights must stay out of the gradient norm and the update.
-@pytest.mark.parametrize("ds_config, trainable_layers", [(None, None), ("ds_configs/zero0.json", None), (None, 1)],
-                         ids=["zero3", "zero0", "zero3-last-layer-only"])
+# A shared prompt under ZeRO-3: the same numbers as the naive reference, which runs every prompt twice.
+@pytest.mark.parametrize("ds_config, trainable_layers, share_prompt",
+                         [(None, None, False), ("ds_configs/zero0.json", None, False), (None, 1, False),
+                          (None, None, True)],
+                         ids=["zero3", "zero0", "zero3-last-layer-only", "zero3-share-prompt"])
 def test_two_ranks_match_single_process_reference_over_five_steps(tiny_model, synthetic_data, tmp_path, ds_config,
-                                                                   trainable_layers):
-    extra = {"train.max_steps": 5, "train.lr_schedule": "constant", "train.lr": 2e-3, "train.max_grad_norm": 1.0}
+                                                                   trainable_layers, share_prompt):
+    extra = {"train.max_steps": 5, "train.lr_schedule": "constant", "train.lr": 2e-3, "train.max_grad_norm": 1.0,
+             "train.share_prompt": share_prompt}
     if ds_config:
         extra["deepspeed.config"] = REPO / ds_config
     if trainable_layers:

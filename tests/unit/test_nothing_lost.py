@@ -185,7 +185,8 @@ def test_resume_refuses_changed_data_tokenizer_and_truncation():
     for change, words in ((dict(data_fingerprint="bbb"), "training data changed"),
                           (dict(max_length=128), "data.max_length"),
                           (dict(truncation="drop"), "data.truncation"),
-                          (dict(tokenizer_sha256="other"), "tokenizer")):
+                          (dict(tokenizer_sha256="other"), "tokenizer"),
+                          (dict(config={"train": {"share_prompt": True}}), "train.share_prompt false -> true")):
         with pytest.raises(ckpt.ResumeError, match=words):
             ckpt.check_compatible(old, _state(**change), ckpt=None)
     legacy = _state(data_fingerprint=None, max_length=None, truncation=None, tokenizer_sha256=None)

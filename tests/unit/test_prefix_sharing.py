@@ -137,6 +137,51 @@ def test_segmented_sdpa_equals_sdpa_with_the_full_mask(heads, kv_heads):
         torch.testing.assert_close(a, b)
 
 
+def flash_varlen_stand_in(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale,
+                          causal):
+    """flash_attn_varlen_func's contract in torch: q ``[Tq, H, D]``, k and v ``[Tk, H_kv, D]``, sequence i
+    = rows ``cu[i]:cu[i + 1]``; with ``causal`` the mask is aligned to the bottom right (query a of Lq sees
+    key b of Lk when ``b <= a + Lk - Lq``), as flash-attn >= 2.1 documents."""
+    assert causal and cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
+    q_len, k_len = cu_seqlens_q.diff(), cu_seqlens_k.diff()
+    assert (max_seqlen_q, max_seqlen_k) == (int(q_len.max()), int(k_len.max()))
+    outs = []
+    for i in range(len(q_len)):
+        qi = q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]].transpose(0, 1)
+        ki = k[cu_seqlens_k[i]:cu_seqlens_k[i + 1]].transpose(0, 1)
+        vi = v[cu_seqlens_k[i]:cu_seqlens_k[i + 1]].transpose(0, 1)
+        lq, lk = qi.shape[1], ki.shape[1]
+        mask = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
+        outs.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=softmax_scale,
+                                                   enable_gqa=qi.shape[0] != ki.shape[0]).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_the_flash_varlen_branch_gathers_each_segments_keys(monkeypatch):
+    """The CUDA branch of segmented_sdpa (one flash-attn varlen call) on the CPU, with a stand-in that keeps
+    flash-attn's contract: the key gather and the two cu_seqlens give the full mask's attention."""
+    from orpo_ds import attention
+
+    monkeypatch.setattr(attention, "_flash_varlen", lambda: flash_varlen_stand_in)
+    pairs = [TokenizedPair(1, (3, 4, 5), (6, 2), (7, 8, 9, 2)), TokenizedPair(2, (), (5, 2), (6, 2)),
+             TokenizedPair(3, (3,), (2,), (2,))]
+    row = build_row(pairs, SHARED)
+    segments, t = row_segments(row), row.num_tokens
+    plan = attention.varlen_plan(segments, torch.device("cpu"))
+    assert plan.cu_seqlens_q.tolist() == [0, 5, 9, 11, 13, 15, 16]
+    assert plan.cu_seqlens_k.tolist() == [0, 5, 12, 14, 16, 18, 20]  # a rejected response: prompt keys, then its own
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, t, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, t, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    got = attention._flash_segments(q, k, v, segments, None)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(segments, t), enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(got, want)
+    up = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad((got * up).sum(), (q, k, v)), torch.autograd.grad((want * up).sum(), (q, k, v)),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+
+
 # ------------------------------------------------------------------------ same numbers as without sharing
 
 
