@@ -1,5 +1,7 @@
 """segmented_sdpa on CUDA against the dense masked twin of tests/unit/test_attention_segmented.py, in fp32
-and bf16 (the dtype a GPU run trains in), values and gradients. Skipped without CUDA by tests/conftest.py."""
+and bf16 (the dtype a GPU run trains in), values and gradients. Where flash-attn is installed the bf16
+cases run its varlen branch (one call, gathered keys, separate cu_seqlens), the context segments included:
+the prefix-sharing path on a GPU. Skipped without CUDA by tests/conftest.py."""
 
 import pytest
 import torch

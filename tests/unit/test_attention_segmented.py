@@ -23,13 +23,18 @@ from orpo_ds.packing import build_row
 V = 53
 
 
-def dense_reference(query, key, value, segments, scaling):
-    """Naive twin: one [T, T] boolean mask from the segments, full softmax attention over the row."""
-    T = query.shape[2]
+def dense_mask(segments, T):
+    """The full [T, T] boolean mask the segments describe: each causal over itself, after its context."""
     mask = torch.zeros(T, T, dtype=torch.bool)
     for s in segments:
         mask[s.start:s.end, s.start:s.end] = torch.ones(s.end - s.start, s.end - s.start, dtype=torch.bool).tril()
         mask[s.start:s.end, s.context_start:s.context_end] = True
+    return mask
+
+
+def dense_reference(query, key, value, segments, scaling):
+    """Naive twin: one [T, T] boolean mask from the segments, full softmax attention over the row."""
+    mask = dense_mask(segments, query.shape[2])
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = (query @ key.transpose(-1, -2)) * scaling

@@ -16,6 +16,7 @@ from orpo_ds.data import TokenizedPair
 from orpo_ds.logps import IGNORE_INDEX, sequence_mean_logps
 from orpo_ds.model import PolicyWithChunkedHead
 from orpo_ds.packing import DEFAULT_LAYOUT, SharedPromptLayout, build_row, layout_for, plan_epoch
+from tests.unit.test_attention_segmented import dense_mask
 
 V = 53
 SHARED = SharedPromptLayout()
@@ -88,16 +89,6 @@ def visible_by_rule(pairs) -> np.ndarray:
                 mask[q, k] = qpart != "prompt" or ki <= qi
             else:
                 mask[q, k] = kpart == qpart and ki <= qi
-    return mask
-
-
-def dense_mask(segments: tuple[Segment, ...], t: int) -> torch.Tensor:
-    """The full ``[T, T]`` boolean mask the segments describe: the slow reference's mask."""
-    mask = torch.zeros(t, t, dtype=torch.bool)
-    for seg in segments:
-        own = torch.ones(seg.end - seg.start, seg.end - seg.start, dtype=torch.bool).tril()
-        mask[seg.start:seg.end, seg.start:seg.end] = own
-        mask[seg.start:seg.end, seg.context_start:seg.context_end] = True
     return mask
 
 
@@ -264,3 +255,16 @@ def test_a_dense_or_varlen_backend_is_refused(attn):
 
 def test_layout_for():
     assert layout_for(False) is DEFAULT_LAYOUT and isinstance(layout_for(True), SharedPromptLayout)
+
+
+def test_evaluation_gives_the_same_metrics_with_a_shared_prompt():
+    from orpo_ds.evaluate import evaluate_pairs
+
+    pairs = _pairs(7, prompt=(1, 9), response=(0, 6), seed=4)
+    policy = PolicyWithChunkedHead(_model(seed=2))
+    metrics = {layout: evaluate_pairs(policy, pairs, micro_batch_tokens=64, beta=0.5, nll_on_prompt=True,
+                                      pad_token_id=0, layout=layout) for layout in (DEFAULT_LAYOUT, SHARED)}
+    ref, got = metrics.values()
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
