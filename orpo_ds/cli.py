@@ -60,15 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             cfg = load_config(args.config, args.overrides)
-            from orpo_ds.engine import shutdown
             from orpo_ds.train import run_training
 
-            try:
-                run_training(cfg)
-            finally:
-                # A run refused after the process group exists (strict data errors, say) must still take
-                # it down: gloo's threads alive at interpreter exit can abort the process (SIGABRT, not 2).
-                shutdown()
+            run_training(cfg)
             return 0
         if args.command == "eval":
             return _eval(args)

@@ -197,6 +197,15 @@ def start_run(cfg: Config) -> Run:
 def run_training(cfg: Config) -> dict[str, Any]:
     """Train, evaluate, checkpoint and export as ``cfg`` says; returns the run's summary (also written
     to ``<output_dir>/summary.json``). Rerunning the same command resumes the run."""
+    try:
+        return _train(cfg)
+    finally:
+        # Also when start-up or a step raises (a strict data error, say): gloo's threads still alive at
+        # interpreter exit can abort the process with SIGABRT instead of its documented exit code.
+        eng_lib.shutdown()
+
+
+def _train(cfg: Config) -> dict[str, Any]:
     preemption = PreemptionSignal()  # first: a signal during start-up must not kill the rank
     run = start_run(cfg)
     t, state, last_step = cfg.train, run.start, len(run.steps)
@@ -232,8 +241,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
 
 
 def finish_run(run: Run, state: ckpt_lib.TrainerState, summary: dict[str, Any]) -> dict[str, Any]:
-    """After the last step: the held-out eval, the final checkpoint, the export, the report; then the
-    process group is torn down."""
+    """After the last step: the held-out eval, the final checkpoint, the export, the report; then DeepSpeed
+    is released (:func:`run_training` takes the process group down after it)."""
     if run.evaluator.enabled and (state.eval_after or {}).get("step") != len(run.steps):  # none yet, or a shorter run's
         state = replace(state, eval_after=run.log.write({"step": len(run.steps), **run.evaluator()}))
     if run.steps and state != run.start:  # a requeued finished run: its checkpoint already holds this state
@@ -251,5 +260,4 @@ def finish_run(run: Run, state: ckpt_lib.TrainerState, summary: dict[str, Any]) 
     eng_lib.barrier()
     run.engine.close()
     run.lock.release()
-    eng_lib.shutdown()
     return summary
