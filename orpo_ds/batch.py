@@ -14,7 +14,7 @@ import torch
 from orpo_ds.attention import Segment, segments_from_lengths
 from orpo_ds.data import TokenizedPair
 from orpo_ds.logps import IGNORE_INDEX, sequence_mean_logps
-from orpo_ds.loss import orpo_loss
+from orpo_ds.loss import orpo_loss, orpo_pair_stats
 from orpo_ds.packing import DEFAULT_LAYOUT, PackedRow, PairLayout, build_row
 
 
@@ -152,3 +152,21 @@ def micro_batch_loss(token_logps: torch.Tensor, mb: MicroBatch, *, beta: float, 
     nll_sum = -(token_logps * mb.head_is_nll).sum()
     return orpo_loss(seq_logps[mb.chosen_seq], seq_logps[mb.rejected_seq], nll_sum, mb.num_nll_tokens,
                      beta=beta, global_nll_tokens=global_nll_tokens, global_pairs=global_pairs)
+
+
+def micro_batch_pair_stats(token_logps: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """Each pair's additive ORPO statistics (:func:`orpo_ds.loss.orpo_pair_stats`) in a real micro-batch.
+
+    Args:
+        token_logps: ``[M]`` fp32 log-probs of the head positions of ``mb``.
+    Returns:
+        ``[P, len(STAT_KEYS)]`` fp64, rows in ``mb.pair_ids`` order.
+    """
+    seq_logps = sequence_mean_logps(token_logps, mb.head_seq_id, mb.num_sequences, mask=mb.head_is_response)
+    # NLL tokens lie in chosen sequences only (a shared prompt belongs to the chosen one), so a pair's NLL is
+    # its chosen sequence's.
+    nll = torch.zeros(mb.num_sequences, dtype=torch.float64, device=token_logps.device)
+    seq_nll = nll.index_add(0, mb.head_seq_id, -(token_logps.detach().double() * mb.head_is_nll))
+    seq_nll_tokens = nll.index_add(0, mb.head_seq_id, mb.head_is_nll.double())
+    return orpo_pair_stats(seq_logps[mb.chosen_seq], seq_logps[mb.rejected_seq], seq_nll[mb.chosen_seq],
+                           seq_nll_tokens[mb.chosen_seq])

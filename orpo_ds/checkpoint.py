@@ -76,6 +76,10 @@ class TrainerState:
     # requeued job reports them without evaluating (or logging) them twice.
     eval_before: dict[str, float] | None = None
     eval_after: dict[str, float] | None = None
+    # The before/after snapshots of orpo_ds.evaluate.Evaluator.snapshot (per-pair stats and answers); None
+    # in checkpoints written before they were recorded.
+    compare_before: dict[str, Any] | None = None
+    compare_after: dict[str, Any] | None = None
 
 
 def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
@@ -347,7 +351,8 @@ class CheckpointSaver:
         evals = {"eval_before": saved.eval_before, "eval_after": saved.eval_after}
         if not _records_evals(ckpt):  # written before the state held them: they are in the step log
             evals = logged_evals(self.out_dir / "metrics.jsonl", saved.step)
-        return dataclasses.replace(identity, step=saved.step, epoch=saved.epoch, **evals)
+        return dataclasses.replace(identity, step=saved.step, epoch=saved.epoch, compare_before=saved.compare_before,
+                                   compare_after=saved.compare_after, **evals)
 
 
 def _records_evals(ckpt: Path) -> bool:

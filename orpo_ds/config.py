@@ -118,6 +118,11 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     eval_steps: int = 0  # evaluate data.eval every N steps (0: only before and after training)
     eval_before: bool = True  # evaluate data.eval before the first step
+    # Before and after training (with eval_before): also evaluate this many fixed training pairs, and report
+    # both sets' changes with bootstrap intervals (orpo_ds.compare); 0: the held-out pairs only.
+    compare_train_pairs: int = 40
+    sample_prompts: int = 3  # greedy answers to this many held-out prompts before and after (samples.md); 0: none
+    sample_new_tokens: int = 64
     log_steps: int = 1
     export: bool = True  # write a transformers folder to <output_dir>/final at the end
     save_steps: int = 0  # DeepSpeed checkpoint every N optimizer steps (0: only at the end and on preemption)
@@ -138,6 +143,9 @@ class TrainConfig:
         _require(self.optimizer in ("adamw", "sgd"), "train.optimizer",
                  f"{self.optimizer!r} is not one of adamw, sgd")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(self.compare_train_pairs >= 0, "train.compare_train_pairs", "must be >= 0 (0: none)")
+        _require(self.sample_prompts >= 0, "train.sample_prompts", "must be >= 0 (0: none)")
+        _require(self.sample_new_tokens >= 1, "train.sample_new_tokens", "must be >= 1")
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.max_steps >= 0, "train.max_steps", f"must be >= 0 (0 = run train.epochs), got {self.max_steps}")
         _require(self.micro_batch_tokens >= 2, "train.micro_batch_tokens",

@@ -125,6 +125,27 @@ def orpo_loss(
     return loss, stats
 
 
+def orpo_pair_stats(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_nll_sum: torch.Tensor,
+                    chosen_nll_tokens: torch.Tensor) -> torch.Tensor:
+    """The additive statistics of each pair on its own: summing the rows over any set of pairs gives the
+    stats :func:`orpo_loss` returns for that set, so a figure of :func:`orpo_metrics` can be recomputed
+    on any resample of the pairs (the before/after intervals of :mod:`orpo_ds.compare`).
+
+    Args:
+        chosen_logps, rejected_logps: ``[P]`` average log-probs, as :func:`orpo_loss`.
+        chosen_nll_sum: ``[P]`` summed NLL of each pair's NLL tokens, and ``chosen_nll_tokens`` ``[P]``
+            their number.
+    Returns:
+        ``[P, len(STAT_KEYS)]`` fp64, columns in ``STAT_KEYS`` order.
+    """
+    c, r = chosen_logps.detach().float(), rejected_logps.detach().float()
+    lo = log_odds(c, r)
+    columns = {"nll_sum": chosen_nll_sum.detach(), "nll_tokens": chosen_nll_tokens, "pairs": torch.ones_like(c),
+               "log_odds_ratio_sum": F.logsigmoid(lo), "log_odds_sum": lo, "chosen_logps_sum": c,
+               "rejected_logps_sum": r, "accurate_pairs": (c > r).float()}
+    return torch.stack([columns[k].double() for k in STAT_KEYS], dim=1)
+
+
 def orpo_metrics(stats: dict[str, float], beta: float) -> dict[str, float]:
     """Step metrics under TRL ORPOTrainer's names, from stats summed over micro-batches and ranks."""
     pairs = max(stats["pairs"], 1.0)

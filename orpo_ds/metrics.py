@@ -56,6 +56,6 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def progress_bar(total: int, enabled: bool = True, desc: str = "train", initial: int = 0) -> tqdm:
+def progress_bar(total: int, enabled: bool = True, desc: str = "train", initial: int = 0, unit: str = "step") -> tqdm:
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
-                mininterval=1.0, unit="step")
+                mininterval=1.0, unit=unit)

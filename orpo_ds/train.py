@@ -9,10 +9,11 @@ preemption to :class:`orpo_ds.checkpoint.CheckpointSaver`, the step's record to
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from orpo_ds import checkpoint as ckpt_lib
 from orpo_ds import engine as eng_lib
 from orpo_ds.batch import MicroBatch, micro_batches
+from orpo_ds.compare import compare_snapshots, comparison_report, seen_sample
 from orpo_ds.config import Config, ConfigError, dump_config
 from orpo_ds.data import DataError, TokenizedPair, load_records, tokenize_pairs
 from orpo_ds.evaluate import Evaluator
@@ -31,8 +33,9 @@ from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, build_policy
 from orpo_ds.packing import StepPlan, layout_for, plan_run
 from orpo_ds.preemption import PreemptionSignal
-from orpo_ds.report import before_after_table, plot_metrics
+from orpo_ds.report import before_after_table, plot_metrics, run_line
 from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, atomic_write, check_export_target
+from orpo_ds.samples import PRINTED_CHARS, greedy_answers, sample_pairs, samples_markdown
 from orpo_ds.step import NonFiniteGuard, StepRecorder, train_step
 
 
@@ -184,7 +187,12 @@ def start_run(cfg: Config) -> Run:
     evaluator = Evaluator(engine, eval_pairs, every=t.eval_steps, total_steps=len(steps),
                           micro_batch_tokens=t.micro_batch_tokens, beta=cfg.loss.beta,
                           nll_on_prompt=cfg.loss.nll_on_prompt, pad_token_id=pad_id, rank=info.rank,
-                          world_size=info.world_size, device=info.device, layout=layout)
+                          world_size=info.world_size, device=info.device, layout=layout,
+                          seen=seen_sample(train_pairs, t.compare_train_pairs) if t.eval_before else [],
+                          samples=sample_pairs(eval_pairs, t.sample_prompts) if t.eval_before else [],
+                          answer=functools.partial(greedy_answers, policy.causal_lm, tokenizer,
+                                                   new_tokens=t.sample_new_tokens, synced=info.world_size > 1,
+                                                   device=info.device))
     recorder = StepRecorder(beta=cfg.loss.beta, micro_batch_tokens=t.micro_batch_tokens, pairs=train_pairs,
                             nll_on_prompt=cfg.loss.nll_on_prompt, model_config=model_config, peak_flops=peak,
                             world_size=info.world_size)
@@ -209,8 +217,10 @@ def _train(cfg: Config) -> dict[str, Any]:
     preemption = PreemptionSignal()  # first: a signal during start-up must not kill the rank
     run = start_run(cfg)
     t, state, last_step = cfg.train, run.start, len(run.steps)
-    if run.evaluator.enabled and t.eval_before and state.step == 0:
-        state = replace(state, eval_before=run.log.write({"step": 0, **run.evaluator()}))
+    if run.evaluator.compares and t.eval_before and state.step == 0:
+        record, snapshot = run.evaluator.snapshot(0)
+        state = replace(state, compare_before=snapshot,
+                        eval_before=run.log.write(record) if run.evaluator.enabled else None)
     guard = NonFiniteGuard(t.max_nonfinite_steps, run.info.rank)
     bar = progress_bar(last_step, enabled=run.info.is_main, initial=state.step)
     summary: dict[str, Any] = {"resumed_from_step": state.step}
@@ -243,20 +253,35 @@ def _train(cfg: Config) -> dict[str, Any]:
 def finish_run(run: Run, state: ckpt_lib.TrainerState, summary: dict[str, Any]) -> dict[str, Any]:
     """After the last step: the held-out eval, the final checkpoint, the export, the report; then DeepSpeed
     is released (:func:`run_training` takes the process group down after it)."""
-    if run.evaluator.enabled and (state.eval_after or {}).get("step") != len(run.steps):  # none yet, or a shorter run's
-        state = replace(state, eval_after=run.log.write({"step": len(run.steps), **run.evaluator()}))
+    last = len(run.steps)
+    if run.evaluator.compares and (state.compare_after or {}).get("step") != last:  # none yet, or a shorter run's
+        record, snapshot = run.evaluator.snapshot(last)
+        state = replace(state, compare_after=snapshot)
+        if run.evaluator.enabled and (state.eval_after or {}).get("step") != last:  # logged by an older version?
+            state = replace(state, eval_after=run.log.write(record))
     if run.steps and state != run.start:  # a requeued finished run: its checkpoint already holds this state
         run.saver.save(state)
     summary.update({k: v for k, v in (("eval_before", state.eval_before), ("eval_after", state.eval_after)) if v})
+    comparison = comparison_report(state.compare_before or {}, state.compare_after or {})
+    summary["comparison"] = {name: {figure: {**asdict(c), "change": c.change} for figure, c in changes.items()}
+                             for name, changes in compare_snapshots(state.compare_before or {},
+                                                                    state.compare_after or {}).items()}
     summary["rank0_state_bytes"] = run.engine.state_bytes()  # what ZeRO's partitioning leaves each rank
     out_dir = Path(run.cfg.train.output_dir)
     if run.cfg.train.export:
         summary["export_dir"] = str(export_trained(run.engine, run.policy, run.tokenizer, out_dir / "final", run.info))
     if run.info.is_main:
         summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "curves.png"))
+        answers = [(state.compare_before or {}).get("answers"), (state.compare_after or {}).get("answers")]
+        samples = dict(pairs=run.evaluator.samples, before=answers[0], after=answers[1], tokenizer=run.tokenizer,
+                       new_tokens=run.cfg.train.sample_new_tokens)
+        if all(answers):
+            summary["samples"] = str(atomic_write(out_dir / "samples.md", samples_markdown(**samples)))
         atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         held = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in summary["rank0_state_bytes"].items())
-        print(f"\n{before_after_table(summary)}\ncurves: {summary['plot']}\n[engine] rank 0 holds {held}", flush=True)
+        answers = f"\n{samples_markdown(**samples, limit=PRINTED_CHARS)}" if all(answers) else ""
+        print(f"\n{comparison or before_after_table(summary)}\n{answers}\n{run_line(summary)}\n"
+              f"curves: {summary['plot']}\n[engine] rank 0 holds {held}", flush=True)
     eng_lib.barrier()
     run.engine.close()
     run.lock.release()
