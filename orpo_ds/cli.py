@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from orpo_ds.config import ConfigError, load_config
 from orpo_ds.data import DataError
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "train":
+            # DeepSpeed's ZeRO-3 calls torch.distributed collectives that torch 2.13 deprecates; the warning
+            # was printed on every step of a run here, and tells a user nothing they can act on.
+            warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                                    category=FutureWarning)
             cfg = load_config(args.config, args.overrides)
             from orpo_ds.train import run_training
 
