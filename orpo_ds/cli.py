@@ -1,4 +1,4 @@
-"""``orpo-ds`` command line: train, eval, export.
+"""``orpo-ds`` command line: train, eval, export, plan.
 
 Works as ``orpo-ds ...``, ``python -m orpo_ds ...``, under ``deepspeed --module orpo_ds ...`` (which
 adds ``--local_rank=N``), ``torchrun`` and ``srun``.
@@ -37,6 +37,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="folder to write: new, empty, or an earlier orpo-ds export "
                    "(replaced atomically)")
     e.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB")
+    n = sub.add_parser("plan", help="per-GPU memory, fit, limits and step/epoch time of a config on a cluster")
+    n.add_argument("--config", required=True, help="YAML run config, as for train")
+    n.add_argument("overrides", nargs="*", help="dotted overrides, as for train (e.g. model.name_or_path=llama-3-70b)")
+    n.add_argument("--nodes", type=int, default=1)
+    n.add_argument("--gpus-per-node", type=int, default=8)
+    n.add_argument("--gpu", default="H100", help="H100, H200, A100, or a bf16 peak in TFLOP/s")
+    n.add_argument("--gpu-memory-gb", type=float, help="GiB per GPU (default: the named GPU's)")
+    n.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume (default 0.40, see the report)")
+    n.add_argument("--bandwidth-gbs", type=float,
+                   help="per-GPU bus bandwidth in GB/s (default 200 on one node, 40 across nodes)")
+    n.add_argument("--reserve-gb", type=float, default=3.0,
+                   help="GiB per GPU kept for the CUDA context, NCCL and allocator fragmentation")
+    n.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
+    n.add_argument("--write-ds-config", help="write the plan's DeepSpeed JSON (engine settings) to this new file")
     return p
 
 
@@ -71,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "eval":
             return _eval(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "export":
             from orpo_ds.export import export_checkpoint
 
@@ -94,6 +110,32 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(metrics, f, indent=2)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from orpo_ds.plan import Cluster, make_plan
+    from orpo_ds.plan.render import render, sbatch_line
+
+    cfg = load_config(args.config, args.overrides)
+    cluster = Cluster.of(args.gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                         memory_gib=args.gpu_memory_gb, bandwidth_gbs=args.bandwidth_gbs)
+    plan = make_plan(cfg, cluster, mfu=args.mfu, reserve_gib=args.reserve_gb)
+    if args.write_ds_config:
+        from pathlib import Path
+
+        from orpo_ds.engine import read_ds_config
+        from orpo_ds.safe_files import UnsafeOutputError, atomic_write
+
+        if Path(args.write_ds_config).exists():  # never replace a file the user has, perhaps edited
+            raise UnsafeOutputError(f"--write-ds-config: {args.write_ds_config} exists; name a new file")
+        atomic_write(args.write_ds_config, json.dumps(read_ds_config(cfg.deepspeed.config), indent=2) + "\n")
+    if args.json:
+        print(json.dumps(plan.to_dict() | {"sbatch": sbatch_line(plan, args.config, args.overrides)}, indent=2))
+    else:
+        print(render(plan, args.config, args.overrides))
     return 0
 
 

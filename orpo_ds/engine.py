@@ -328,8 +328,14 @@ class Engine:
         parameters when they are separate flat partitions or fp32 masters, plus its state)."""
         params = [getattr(p, "ds_tensor", p) for p in self.module.parameters()]
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        module_ids = {id(p) for p in self.module.parameters()}
-        masters = [p for group in inner.param_groups for p in group["params"] if id(p) not in module_ids]
+        # ZeRO-3 hands its fp32 partitions to the inner optimizer only while it steps them (param_groups
+        # are emptied in between), so they are read from the ZeRO optimizer itself; an fp32 model's
+        # partitions there are its parameters' own storage, not a copy.
+        candidates = [p for group in inner.param_groups for p in group["params"]]
+        candidates += list(getattr(self.optimizer, "fp32_partitioned_groups_flat", []))
+        held = {t.untyped_storage().data_ptr() for t in params}
+        masters = list({t.untyped_storage().data_ptr(): t for t in candidates
+                        if t.untyped_storage().data_ptr() not in held}.values())
         state = [v for entry in inner.state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
         return {"parameters": _tensor_bytes(params), "gradients": self._gradient_bytes or 0,
                 "optimizer": _tensor_bytes(masters) + _tensor_bytes(state)}

@@ -1,0 +1,131 @@
+"""The planner's view of a model: its transformers config and parameter counts, without any weights.
+
+The model is built on the ``meta`` device (no memory, no weights read: a 70B model builds in well under
+a second), so the counts are those of the exact module tree ``orpo-ds train`` would load, tied
+embeddings and biases included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orpo_ds.config import ConfigError
+from orpo_ds.model import train_top_layers_only
+
+# Model shapes by name, for planning a model this machine has no config of. Numbers are those of the
+# published config.json files.
+PRESETS: dict[str, dict] = {
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                       tie_word_embeddings=False),
+    "llama-3-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=28672, vocab_size=128256,
+                        tie_word_embeddings=False),
+    "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=29568, vocab_size=152064,
+                        tie_word_embeddings=False),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory and time depend on. Counts are parameters (elements), not bytes.
+
+    Attributes:
+        config: the transformers config (``hidden_size``, ``vocab_size``, ... as the model reads them).
+        total_params: every parameter once (tied weights once).
+        trainable_params: those ``model.trainable_layers`` leaves trainable (all, when it is null).
+        largest_module_params: the most parameters one module holds directly (usually the embedding):
+            what ZeRO-3 gathers at once, the figure DeepSpeed's estimator calls the largest layer.
+        decoder_layer_params: one decoder layer's parameters.
+        persistent_params: parameters below ZeRO-3's ``stage3_param_persistence_threshold``, which every
+            rank keeps whole (norm weights, biases); depends on the threshold, see :func:`persistent_params`.
+        trainable_layers: decoder layers that train (and so save activations).
+        head_trainable: whether the output head trains (it is frozen with ``model.trainable_layers``).
+        numels: every distinct parameter's element count, for thresholds applied later.
+    """
+
+    config: object
+    total_params: int
+    trainable_params: int
+    largest_module_params: int
+    decoder_layer_params: int
+    trainable_layers: int
+    head_trainable: bool
+    numels: tuple[int, ...]
+
+    @property
+    def hidden(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def vocab(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def ffn(self) -> int:
+        return self.config.intermediate_size
+
+    @property
+    def heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.hidden // self.heads
+
+    @property
+    def kv_width(self) -> int:
+        """Width of the key (and of the value) projection: ``kv_heads * head_dim``."""
+        kv_heads = getattr(self.config, "num_key_value_heads", None) or self.heads
+        return kv_heads * self.head_dim
+
+    def persistent_params(self, threshold: int) -> int:
+        """Parameters ZeRO-3 does not partition: those with fewer than ``threshold`` elements."""
+        return sum(n for n in self.numels if n < threshold)
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool = False):
+    """A transformers config from a preset name (:data:`PRESETS`), a model folder or a hub name; never
+    weights. Raises ConfigError naming ``model.name_or_path`` when none of these resolves."""
+    from transformers import AutoConfig
+
+    preset = PRESETS.get(name_or_path.lower())
+    if preset is not None:
+        preset = dict(preset)
+        return AutoConfig.for_model(preset.pop("model_type"), **preset)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.name_or_path: no config for {name_or_path!r} ({str(exc).splitlines()[0]}); "
+                          f"give a model folder, a reachable hub name, or one of the presets "
+                          f"{', '.join(PRESETS)}") from exc
+
+
+def model_shape(config, trainable_layers: int | None = None) -> ModelShape:
+    """Parameter counts of ``config``'s causal LM, built on the meta device. ``trainable_layers`` as
+    ``model.trainable_layers``, frozen by the trainer's own :func:`~orpo_ds.model.train_top_layers_only`."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    decoder = model.get_decoder().layers
+    if trainable_layers is not None:
+        train_top_layers_only(model, trainable_layers)  # the trainer's own freezing, so the counts match it
+    trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
+    trained_layers = sum(any(p.requires_grad for p in layer.parameters()) for layer in decoder)
+    per_layer = sum(p.numel() for p in decoder[0].parameters())
+    head_trainable = model.get_output_embeddings().weight.requires_grad
+    return ModelShape(config=config, total_params=total, trainable_params=trainable,
+                      largest_module_params=largest, decoder_layer_params=per_layer,
+                      trainable_layers=trained_layers, head_trainable=head_trainable,
+                      numels=tuple(p.numel() for p in unique.values()))
