@@ -190,7 +190,8 @@ def activation_estimate(shape: ModelShape, tokens: int, head_positions: int, dty
     # checkpointing it first recomputes that layer's activations.
     layer_backward = tokens * (b * shape.ffn + b * d + (per_layer if checkpointing else 0))
     # Full logits, as a trainer without the chunked head keeps them: dtype logits and their fp32
-    # log-softmax saved, then an fp32 and a dtype gradient of the same size in backward.
-    full_logits = head_positions * shape.vocab * (2 * b + 8) + 4 * shape.vocab * d
+    # log-softmax saved, then an fp32 and a dtype gradient of the same size in backward; plus, for a
+    # trained head, its weight gradient and the copy autograd accumulates it from.
+    full_logits = head_positions * shape.vocab * (2 * b + 8) + (2 * b * shape.vocab * d if shape.head_trainable else 0)
     return ActivationEstimate(saved=int(saved), head_backward=head_backward_bytes(shape, head_positions, b, chunk_size),
                               layer_backward=int(layer_backward), full_logits=int(full_logits))

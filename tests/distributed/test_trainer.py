@@ -284,3 +284,16 @@ def test_zero3_on_two_ranks_holds_about_half_of_one_ranks_state(tiny_model, synt
     for kind in ("parameters", "gradients", "optimizer"):
         assert held[1][kind] > 0, (kind, held)
         assert held[2][kind] <= 0.55 * held[1][kind], (kind, held)
+    # `orpo-ds plan`'s model-state figures (fp32 on the CPU: 4 + 4 + 12 B per parameter over the ranks)
+    # against what the engine holds; the rest is partition padding and AdamW's step counters.
+    from transformers import AutoConfig
+
+    from orpo_ds.plan.memory import ZeroSetup, model_states
+    from orpo_ds.plan.shapes import model_shape
+
+    shape = model_shape(AutoConfig.from_pretrained(tiny_model))
+    zero = ZeroSetup.from_ds_config(json.loads((Path(__file__).parent / "zero3_tiny.json").read_text()))
+    for ranks in (1, 2):
+        planned = model_states(shape, zero, ranks, dtype_bytes=4)
+        for kind in ("parameters", "gradients", "optimizer"):
+            assert held[ranks][kind] == pytest.approx(getattr(planned, kind), rel=0.02), (ranks, kind, held, planned)
