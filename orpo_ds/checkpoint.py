@@ -7,7 +7,8 @@ Layout under ``<train.output_dir>/checkpoints/``::
         trainer_state.json       step, data position, world size, model, resolved config, the held-out
                                  figures before and after training once known
         rng/rank-00000.pt        python / numpy / torch RNG states of each rank
-        hf/                      model config + tokenizer, so `orpo-ds export` needs nothing else
+        hf/                      model config + tokenizer (+ adapter_config.json under LoRA), so
+                                 `orpo-ds export` needs nothing else
     latest                       the name of the newest complete checkpoint, replaced last
 
 A checkpoint is written under ``.tmp-step-000005`` and renamed once every rank has finished writing;
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from orpo_ds import engine as eng_lib
+from orpo_ds import lora as lora_lib
 from orpo_ds.config import Config, TrainConfig
 from orpo_ds.data import TokenizedPair, tokenizer_identity
 from orpo_ds.metrics import MetricsLog, read_metrics
@@ -215,6 +217,11 @@ def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path) -> None
         if getattr(state, key) != getattr(new, key):
             problems.append(f"train.{key} {getattr(state, key)} -> {getattr(new, key)} (it changes which pairs "
                             f"each step holds)")
+    # As JSON, the form the checkpoint stores it in (a tuple of target modules reads back as a list).
+    adapters = [json.loads(json.dumps(run.config.get("model", {}).get("lora"))) for run in (state, new)]
+    if adapters[0] != adapters[1]:
+        problems.append(f"model.lora {adapters[0]} -> {adapters[1]} (the checkpoint's trainable parameters are "
+                        f"those of its own setting)")
     shared = [run.config.get("train", {}).get("share_prompt", False) for run in (state, new)]
     if shared[0] != shared[1]:
         problems.append(f"train.share_prompt {str(shared[0]).lower()} -> {str(shared[1]).lower()} (a pair's length "
@@ -310,6 +317,8 @@ class CheckpointSaver:
         directory.mkdir(parents=True, exist_ok=True)
         self.policy.causal_lm.config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        if lora_lib.is_lora(self.policy.causal_lm):  # what `orpo-ds export` rebuilds the adapters from
+            self.policy.causal_lm.peft_config["default"].save_pretrained(directory)
 
     def save(self, state: TrainerState) -> None:
         """Collective: every rank writes its part, then rank 0 commits the checkpoint of ``state.step``."""

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="folder to write: new, empty, or an earlier orpo-ds export "
                    "(replaced atomically)")
     e.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB")
+    e.add_argument("--merge", action="store_true",
+                   help="LoRA checkpoints: write the model with the adapters merged in (default: the adapter folder)")
     n = sub.add_parser("plan", help="per-GPU memory, fit, limits and step/epoch time of a config on a cluster")
     n.add_argument("--config", required=True, help="YAML run config, as for train")
     n.add_argument("overrides", nargs="*", help="dotted overrides, as for train (e.g. model.name_or_path=llama-3-70b)")
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from orpo_ds.export import export_checkpoint
 
-            print(f"exported to {export_checkpoint(args.checkpoint, args.out, max_shard_size=args.max_shard_size)}")
+            out = export_checkpoint(args.checkpoint, args.out, max_shard_size=args.max_shard_size, merge=args.merge)
+            print(f"exported to {out}")
             return 0
     except Exception as exc:  # noqa: BLE001 - mapped to documented exit codes below
         return _exit_code_for(exc)

@@ -34,6 +34,29 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """``model.lora``: train low-rank adapters through peft instead of the model's weights (orpo_ds.lora)."""
+
+    r: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / r, as in peft
+    dropout: float = 0.0
+    # peft's names: module-name suffixes such as [q_proj, v_proj], or all-linear (every linear layer but
+    # the output head). The head stays frozen under LoRA: a name that matches it is a config error.
+    target_modules: tuple[str, ...] = ("all-linear",)
+    # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (CUDA only; ZeRO stage 0-2)
+    load_in_4bit: bool = False
+
+    def __post_init__(self):
+        _require(self.r >= 1, "model.lora.r", f"must be >= 1, got {self.r}")
+        _require(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(len(self.target_modules) >= 1 and all(self.target_modules), "model.lora.target_modules",
+                 "must name at least one module (e.g. [q_proj, v_proj]) or be all-linear")
+        _require("all-linear" not in self.target_modules or len(self.target_modules) == 1,
+                 "model.lora.target_modules", "all-linear already means every linear layer; give it alone")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = ""
     # auto: flash_attention_2 where flash-attn and CUDA exist, else segmented_sdpa (orpo_ds.attention)
@@ -45,6 +68,7 @@ class ModelConfig:
     # exist and Liger patches the architecture, else off | on: an error where it cannot run | off.
     # YAML true/false mean on/off.
     liger_kernels: str = field(default="auto", metadata={"bool_as": {True: "on", False: "off"}})
+    lora: LoraConfig | None = None  # null: train the weights themselves (all, or model.trainable_layers)
 
     def __post_init__(self):
         _require(bool(self.name_or_path), "model.name_or_path",
@@ -55,6 +79,9 @@ class ModelConfig:
                  f"{self.attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
         _require(self.liger_kernels in LIGER_KERNELS, "model.liger_kernels",
                  f"{self.liger_kernels!r} is not one of {', '.join(LIGER_KERNELS)} (or YAML true/false)")
+        _require(self.lora is None or self.trainable_layers is None, "model.trainable_layers",
+                 "cannot be combined with model.lora (LoRA freezes every weight and trains adapters "
+                 "instead); set model.trainable_layers=null, or remove model.lora")
 
 
 @dataclass(frozen=True)
@@ -206,7 +233,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field annotation (as a string under ``from __future__``), coercing ints
     to floats and lists to tuples; raise ConfigError naming ``key`` otherwise."""
     # eval of our own dataclasses' annotations only, never of user input
-    hint = eval(annotation, {"tuple": tuple}) if isinstance(annotation, str) else annotation
+    hint = eval(annotation, {"tuple": tuple, "LoraConfig": LoraConfig}) if isinstance(annotation, str) else annotation
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -214,6 +241,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
         origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build_section(key, hint, value)
+    if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):  # tuple[str, ...]: a list, or one item
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(key, v, typing.get_args(hint)[0]) for v in items)
     if origin is tuple:
         items = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
@@ -257,42 +289,46 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set ``section.name`` (or ``section.group.name`` inside a nested group such as ``model.lora``)."""
     parts = key.split(".")
-    if len(parts) != 2:
-        raise ConfigError(f"{key}: keys have the form section.name, e.g. train.lr "
-                          f"(sections: {', '.join(SECTIONS)})")
-    tree.setdefault(parts[0], {})
-    if not isinstance(tree[parts[0]], dict):
-        raise ConfigError(f"{parts[0]}: expected a mapping of keys")
-    tree[parts[0]][parts[1]] = value
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"{key}: keys have the form section.name, e.g. train.lr, or section.group.name, e.g. "
+                          f"model.lora.r (sections: {', '.join(SECTIONS)})")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # absent, or a group set to null in the YAML (model.lora: null)
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: expected a mapping of keys")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _build_section(name: str, cls: type, values: Any):
+    """One section (or nested group) from its mapping: unknown keys are errors that list the valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys (e.g. {name}:\n  {next(iter(fields))}: ...), "
+                          f"got {type(values).__name__} {values!r}")
+    kwargs = {}
+    for key, value in (values or {}).items():
+        dotted = f"{name}.{key}"
+        if key not in fields:
+            raise ConfigError(f"{dotted}: unknown key; valid keys in {name}: {', '.join(fields)}")
+        bool_as = fields[key].metadata.get("bool_as")
+        if bool_as and isinstance(value, bool):
+            value = bool_as[value]
+        kwargs[key] = _coerce(dotted, value, fields[key].type)
+    return cls(**kwargs)
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict; unknown keys are errors that list the valid ones."""
-    sections = {}
-    for name, values in (tree or {}).items():
+    for name in tree or {}:
         if name not in SECTIONS:
             raise ConfigError(f"{name}: unknown section; valid sections: {', '.join(SECTIONS)}")
-        cls = SECTIONS[name]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if values is not None and not isinstance(values, dict):
-            raise ConfigError(f"{name}: expected a mapping of keys (e.g. {name}:\n  {next(iter(fields))}: ...), "
-                              f"got {type(values).__name__} {values!r}")
-        kwargs = {}
-        for key, value in (values or {}).items():
-            dotted = f"{name}.{key}"
-            if key not in fields:
-                raise ConfigError(f"{dotted}: unknown key; valid keys in {name}: {', '.join(fields)}")
-            bool_as = fields[key].metadata.get("bool_as")
-            if bool_as and isinstance(value, bool):
-                value = bool_as[value]
-            kwargs[key] = _coerce(dotted, value, fields[key].type)
-        sections[name] = kwargs
-    try:
-        built = {name: cls(**sections.get(name, {})) for name, cls in SECTIONS.items()}
-        return Config(**built)
-    except TypeError as exc:  # pragma: no cover - guarded by the key checks above
-        raise ConfigError(str(exc)) from exc
+    built = {name: _build_section(name, cls, (tree or {}).get(name)) for name, cls in SECTIONS.items()}
+    return Config(**built)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -402,10 +402,19 @@ def _tensor_bytes(tensors) -> int:
 
 
 def consolidate_zero_checkpoint(ds_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict from a saved ZeRO checkpoint (any stage), on the CPU: shards are merged in
-    host memory, so no GPU ever needs to hold the whole model."""
+    """Full fp32 state dict from a saved DeepSpeed checkpoint of any ZeRO stage, on the CPU: shards are
+    merged in host memory, so no GPU ever needs to hold the whole model.
+
+    ZeRO-0 saves no partitions (DeepSpeed's ``zero_to_fp32`` cannot read it): its model file holds the
+    whole module, in the dtype it trained in (the weights the live export writes too).
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    state_dir = ds_dir / "state"
+    if not any(state_dir.glob("*optim_states.pt")) and (state_dir / "mp_rank_00_model_states.pt").is_file():
+        # DeepSpeed's own pickle (it stores more than tensors): read only checkpoints you trust.
+        module = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
 
 

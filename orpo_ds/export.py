@@ -8,18 +8,25 @@ from pathlib import Path
 import torch
 
 from orpo_ds import engine as eng_lib
+from orpo_ds import lora as lora_lib
 from orpo_ds.checkpoint import find_checkpoint, output_dir_of
+from orpo_ds.config import ConfigError
 from orpo_ds.model import PolicyWithChunkedHead
 from orpo_ds.safe_files import check_export_target, mark_export, replace_dir, staging_dir
 
 
 def export_trained(engine, policy: PolicyWithChunkedHead, tokenizer, out_dir: Path, info) -> Path:
     """Collective: write a transformers folder (safetensors, config, tokenizer, chat template) from rank
-    0, into a staging folder that replaces ``out_dir`` only once complete (:func:`replace_dir`)."""
+    0, into a staging folder that replaces ``out_dir`` only once complete (:func:`replace_dir`). A LoRA
+    run writes its adapter folder (peft's format, with the tokenizer) instead; ``orpo-ds export --merge``
+    writes the merged model from the checkpoint."""
     state = engine.full_state_dict(policy.causal_lm)
     if info.is_main:
         tmp = staging_dir(out_dir)
-        policy.causal_lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if lora_lib.is_lora(policy.causal_lm):
+            lora_lib.save_adapter(policy.causal_lm, state, tmp)
+        else:
+            policy.causal_lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         mark_export(tmp)
         replace_dir(tmp, out_dir)
@@ -28,9 +35,13 @@ def export_trained(engine, policy: PolicyWithChunkedHead, tokenizer, out_dir: Pa
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: str = "5GB",
-                      dtype: torch.dtype | None = None) -> Path:
+                      dtype: torch.dtype | None = None, merge: bool = False) -> Path:
     """Consolidate the ZeRO shards of ``checkpoint`` on the CPU and write safetensors (sharded above
     ``max_shard_size``), config, tokenizer and chat template to ``out_dir``.
+
+    A LoRA checkpoint (its ``hf/`` folder holds ``adapter_config.json``) is written as the adapter folder,
+    which ``peft.PeftModel.from_pretrained(base, out_dir)`` loads; with ``merge`` as the model with the
+    adapters merged into its weights (peft's ``merge_and_unload``), a plain transformers folder.
 
     ``checkpoint`` is a ``checkpoints/step-N`` folder, or an output_dir / checkpoints folder (the latest
     complete checkpoint in it is used). ``out_dir`` must be new, empty or an earlier export, and must not
@@ -42,16 +53,24 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_
     ckpt = find_checkpoint(checkpoint)
     target = check_export_target(out_dir, protected=[ckpt, output_dir_of(ckpt)])
     prefix = PolicyWithChunkedHead.STATE_PREFIX
+    adapter = (ckpt / "hf" / lora_lib.ADAPTER_CONFIG).is_file()
+    if merge and not adapter:
+        raise ConfigError(f"--merge: {ckpt} trained the model's weights, not LoRA adapters; export it "
+                                 f"without --merge")
     state = {k[len(prefix):] if k.startswith(prefix) else k: v
              for k, v in eng_lib.consolidate_zero_checkpoint(ckpt / "ds").items()}
     config = AutoConfig.from_pretrained(ckpt / "hf")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not match the model config: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+    if adapter:
+        model = lora_lib.rebuild_from_state(config, ckpt / "hf", state, dtype or torch.float32)
+        model = model.merge_and_unload() if merge else model
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        missing, unexpected = model.load_state_dict(state, strict=True)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {ckpt} does not match the model config: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
     tmp = staging_dir(target)
     model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)

@@ -17,6 +17,7 @@ from torch import nn
 from orpo_ds import attention
 from orpo_ds import engine as eng_lib
 from orpo_ds import liger as liger_lib
+from orpo_ds import lora as lora_lib
 from orpo_ds.config import ConfigError, ModelConfig
 from orpo_ds.logps import auto_chunk_size, chunked_token_logps
 
@@ -121,8 +122,10 @@ def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_s
     """Load ``model.name_or_path`` (partitioned while loading under ZeRO-3) and wrap it in the policy.
 
     With ``model.liger_kernels`` resolved on, the body's layers run Liger's kernels and the head its fused
-    cross-entropy (``policy.liger`` says which and why). Returns ``(policy, keepalive)``: keep ``keepalive``
-    referenced for the run (see :func:`orpo_ds.engine.load_pretrained`).
+    cross-entropy (``policy.liger`` says which and why). With ``model.lora`` the causal LM is a peft
+    ``PeftModel`` whose adapters are the only trainable parameters (:mod:`orpo_ds.lora`). Returns
+    ``(policy, keepalive)``: keep ``keepalive`` referenced for the run (see
+    :func:`orpo_ds.engine.load_pretrained`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -133,8 +136,11 @@ def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_s
         config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
         liger = liger_lib.resolve(m.liger_kernels, config, device_type=eng_lib.comm_device().type,
                                   logit_scale=final_logit_scale(config))
+        quantization = lora_lib.quantization_config(m.lora, on_gpu=eng_lib.comm_device().type == "cuda",
+                                                    zero_stage=eng_lib.zero_stage(ds_config), dtype=dtype)
         model, keepalive = eng_lib.load_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
-            m.name_or_path, dtype=dtype, attn_implementation=attn, trust_remote_code=m.trust_remote_code), ds_config)
+            m.name_or_path, dtype=dtype, attn_implementation=attn, trust_remote_code=m.trust_remote_code,
+            quantization_config=quantization), ds_config)
     except OSError as exc:  # the tokenizer loaded, but the weights are missing or unreadable
         raise ConfigError(f"model.name_or_path: cannot load the model weights of {m.name_or_path!r} "
                           f"({str(exc).splitlines()[0]})") from exc
@@ -145,6 +151,13 @@ def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_s
         train_top_layers_only(model, m.trainable_layers)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if quantization is not None:  # QLoRA: norms upcast to fp32 for stability, as peft recommends
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.lora is not None:
+        model = lora_lib.apply_lora(model, m.lora, m.name_or_path)
     policy = PolicyWithChunkedHead(model, chunk_size=chunk_size, liger=liger)
     eng_lib.register_external_parameter(policy, policy.head.weight)
     return policy, keepalive

@@ -208,7 +208,7 @@ def make_plan(cfg: Config, cluster: Cluster, *, mfu: float | None = None,
     dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
     ds_config = build_ds_config(read_ds_config(cfg.deepspeed.config), cfg.train, cluster.gpus, dtype)
     model_config = load_model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    shape = model_shape(model_config, cfg.model.trainable_layers)
+    shape = model_shape(model_config, cfg.model.trainable_layers, cfg.model.lora)
     planner = Planner(shape=shape, zero=memory.ZeroSetup.from_ds_config(ds_config),
                       dtype_bytes=dtype.itemsize, chunk_size=cfg.loss.chunk_size, reserve=int(reserve_gib * GIB))
     stats = rows.row_stats(cfg, model_config, cluster.gpus)

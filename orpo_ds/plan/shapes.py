@@ -108,13 +108,18 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False):
                           f"{', '.join(PRESETS)}") from exc
 
 
-def model_shape(config, trainable_layers: int | None = None) -> ModelShape:
+def model_shape(config, trainable_layers: int | None = None, lora=None) -> ModelShape:
     """Parameter counts of ``config``'s causal LM, built on the meta device. ``trainable_layers`` as
-    ``model.trainable_layers``, frozen by the trainer's own :func:`~orpo_ds.model.train_top_layers_only`."""
+    ``model.trainable_layers``, frozen by the trainer's own :func:`~orpo_ds.model.train_top_layers_only`;
+    ``lora`` (``model.lora``) wraps it in peft's adapters as the trainer does (:func:`orpo_ds.lora.apply_lora`)."""
     from transformers import AutoModelForCausalLM
+
+    from orpo_ds.lora import apply_lora
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+        if lora is not None:
+            model = apply_lora(model, lora, base_name_or_path=config.name_or_path or "planned")
     unique = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in unique.values())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())

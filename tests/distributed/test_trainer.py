@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,18 +107,21 @@ def _freeze_all_but_last_layer_by_hand(model) -> None:
 # ZeRO-0 too: there DeepSpeed clips with a norm it does not report, so the engine measures grad_norm itself.
 # Freeze tuning under ZeRO-3: frozen partitioned weights must stay out of the gradient norm and the update.
 # A shared prompt under ZeRO-3: the same numbers as the naive reference, which runs every prompt twice.
-@pytest.mark.parametrize("ds_config, trainable_layers, share_prompt",
-                         [(None, None, False), ("ds_configs/zero0.json", None, False), (None, 1, False),
-                          (None, None, True)],
-                         ids=["zero3", "zero0", "zero3-last-layer-only", "zero3-share-prompt"])
+# LoRA under ZeRO-3: the reference is peft's own model, its adapters drawn from the same seed.
+@pytest.mark.parametrize("ds_config, trainable_layers, share_prompt, lora",
+                         [(None, None, False, False), ("ds_configs/zero0.json", None, False, False),
+                          (None, 1, False, False), (None, None, True, False), (None, None, False, True)],
+                         ids=["zero3", "zero0", "zero3-last-layer-only", "zero3-share-prompt", "zero3-lora"])
 def test_two_ranks_match_single_process_reference_over_five_steps(tiny_model, synthetic_data, tmp_path, ds_config,
-                                                                   trainable_layers, share_prompt):
+                                                                   trainable_layers, share_prompt, lora):
     extra = {"train.max_steps": 5, "train.lr_schedule": "constant", "train.lr": 2e-3, "train.max_grad_norm": 1.0,
              "train.share_prompt": share_prompt}
     if ds_config:
         extra["deepspeed.config"] = REPO / ds_config
     if trainable_layers:
         extra["model.trainable_layers"] = trainable_layers
+    if lora:
+        extra.update({"model.lora.r": 4, "model.lora.alpha": 8, "train.lr": 2e-2})
     overrides, cfg, tokenizer, pairs = _reference_setup(tiny_model, synthetic_data["train"], tmp_path / "run", extra)
     proc = launch(["train", *overrides], ranks=2)
     assert proc.returncode == 0
@@ -126,6 +130,8 @@ def test_two_ranks_match_single_process_reference_over_five_steps(tiny_model, sy
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
     if trainable_layers:
         _freeze_all_but_last_layer_by_hand(model)
+    if lora:
+        model = lora_reference_model(model, cfg)
     steps = _step_pairs(_plan(pairs, cfg), pairs)
     ref = reference_train(model, steps, beta=cfg.loss.beta, nll_on_prompt=False, pad_id=tokenizer.pad_token_id,
                           lr=cfg.train.lr, max_grad_norm=1.0, total_steps=5, schedule_factor=lambda s: 1.0)
@@ -137,6 +143,27 @@ def test_two_ranks_match_single_process_reference_over_five_steps(tiny_model, sy
     assert got[-1]["loss"] != pytest.approx(got[0]["loss"], rel=1e-3)  # the curve moved: updates happened
     if trainable_layers:
         _assert_export_matches_reference_weights(tmp_path / "run", model, tmp_path / "exported")
+    if lora:
+        _assert_adapter_export_matches_reference(tmp_path / "run" / "final", tiny_model, model)
+
+
+def lora_reference_model(model, cfg):
+    """peft's LoRA model of ``model`` as the trainer builds it: adapters drawn right after seeding."""
+    from orpo_ds.lora import peft_config
+
+    torch.manual_seed(cfg.train.seed)
+    return get_peft_model(model, peft_config(cfg.model.lora, str(cfg.model.name_or_path)))
+
+
+def _assert_adapter_export_matches_reference(adapter_dir, base_dir, reference_model):
+    """The adapter folder a ZeRO-3 run exported (gathered from its partitions) is peft's format, and the
+    base plus it scores a fixed batch as the trained reference does."""
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir)
+    ids = torch.randint(0, loaded.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference_model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def _assert_export_matches_reference_weights(run_dir, reference_model, export_dir):

@@ -1,0 +1,124 @@
+"""LoRA in process (orpo_ds.lora): the config keys, what is refused and why, and the policy's chunked
+head over a peft model against peft's own full-logits forward, on values and adapter gradients. The
+trained runs (ZeRO-3 on 2 ranks, ZeRO-0, exports) are in tests/distributed/test_lora.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from orpo_ds import cli
+from orpo_ds.config import ConfigError, LoraConfig, load_config
+from orpo_ds.lora import apply_lora, quantization_config
+from orpo_ds.model import PolicyWithChunkedHead
+
+BASE = ["model.name_or_path=m", "data.train=pairs.jsonl"]
+
+
+def _tiny_llama(tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+
+
+def test_lora_keys_from_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name_or_path: m\n  lora:\n    r: 8\n    target_modules: [q_proj, v_proj]\n"
+                    "data:\n  train: pairs.jsonl\n")
+    assert load_config(path).model.lora == LoraConfig(r=8, target_modules=("q_proj", "v_proj"))
+    cfg = load_config(path, ["model.lora.alpha=4", "model.lora.target_modules=all-linear"])
+    assert (cfg.model.lora.alpha, cfg.model.lora.target_modules) == (4.0, ("all-linear",))
+    assert load_config(path, ["model.lora=null"]).model.lora is None
+    assert load_config(None, [*BASE, "model.lora.r=2"]).model.lora == LoraConfig(r=2)  # a group from nothing
+    assert load_config(None, BASE).model.lora is None  # off unless asked for
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.lora.r=0"], "model.lora.r"),
+    (["model.lora.dropout=1.0"], "model.lora.dropout"),
+    (["model.lora.rank=8"], "model.lora.rank"),
+    (["model.lora=8"], "model.lora"),
+    (["model.lora.target_modules=[all-linear,q_proj]"], "model.lora.target_modules"),
+    (["model.lora.r=4", "model.trainable_layers=1"], "model.trainable_layers"),
+    (["model.lora.r.x=1"], "model.lora.r.x"),
+])
+def test_bad_lora_settings_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"^{key.replace('.', '[.]')}: "):
+        load_config(None, [*BASE, *overrides])
+
+
+def test_only_adapters_train_and_the_head_stays_frozen():
+    model = apply_lora(_tiny_llama(tie=True), LoraConfig(r=4), "m")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # all-linear
+    assert not model.get_output_embeddings().weight.requires_grad
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_an_adapter_on_the_head_is_refused(tie):
+    # The chunked head reads lm_head.weight directly: an adapter there would be trained by nothing.
+    with pytest.raises(ConfigError, match="model.lora.target_modules: 'lm_head' is the output head"):
+        apply_lora(_tiny_llama(tie), LoraConfig(target_modules=("q_proj", "lm_head")), "m")
+
+
+def test_unknown_target_modules_are_a_config_error():
+    with pytest.raises(ConfigError, match="model.lora.target_modules"):
+        apply_lora(_tiny_llama(), LoraConfig(target_modules=("no_such_proj",)), "m")
+
+
+@pytest.mark.parametrize("on_gpu, stage, message", [
+    (False, 0, "CUDA only"),
+    (True, 3, "ZeRO-3 cannot partition 4-bit weights"),
+])
+def test_qlora_where_it_cannot_run_is_a_config_error(on_gpu, stage, message):
+    with pytest.raises(ConfigError, match=f"model.lora.load_in_4bit: .*{message}"):
+        quantization_config(LoraConfig(load_in_4bit=True), on_gpu=on_gpu, zero_stage=stage, dtype=torch.bfloat16)
+    assert quantization_config(LoraConfig(), on_gpu=on_gpu, zero_stage=stage, dtype=torch.bfloat16) is None
+    assert quantization_config(None, on_gpu=on_gpu, zero_stage=stage, dtype=torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_head_over_peft_equals_peft_full_logits_on_values_and_adapter_gradients(tie):
+    model = apply_lora(_tiny_llama(tie), LoraConfig(r=4, dropout=0.0), "m")
+    for name, p in model.named_parameters():  # B starts at 0, which would hide the adapters' path
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p, std=0.1)
+    policy = PolicyWithChunkedHead(model, chunk_size=5)  # odd chunk: several chunks and a ragged last one
+    ids = torch.randint(0, 96, (1, 23), generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([0, 3, 4, 4, 10, 21])  # a position may reach the head twice (a shared prompt)
+    labels = torch.tensor([5, 7, 1, 9, 95, 0])
+    got = policy(ids, torch.arange(23)[None], positions, labels)
+    got_grads = torch.autograd.grad(got.sum(), [p for p in model.parameters() if p.requires_grad])
+
+    logits = model(input_ids=ids, use_cache=False).logits[0].float()  # [T, V], peft's own forward
+    want = torch.log_softmax(logits, -1)[positions, labels]
+    want_grads = torch.autograd.grad(want.sum(), [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_merge_of_a_checkpoint_without_adapters_exits_2(tmp_path, capsys):
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    (ckpt / "hf").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    code = cli.main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "merged"), "--merge"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--merge" in err and "not LoRA adapters" in err and "Traceback" not in err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_plan_counts_the_adapters_the_trainer_trains():
+    from orpo_ds.plan.shapes import model_shape
+
+    lora = LoraConfig(r=4, target_modules=("q_proj", "down_proj"))
+    model = apply_lora(_tiny_llama(), lora, "m")
+    shape = model_shape(model.config, lora=lora)
+    assert shape.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    assert not shape.head_trainable
