@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	  else $(PY) -m pip install -q torch==2.13.0; fi; fi
-	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q -e ".[dev,demo,tracking]"
 	touch $(STAMP)
 
 # ruff with the small rule set in pyproject.toml (pyflakes, pycodestyle, isort, bugbear, blind excepts).

@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "segmented_sdpa", "sdpa", "flex_attention", "eager")
 LIGER_KERNELS = ("auto", "on", "off")
+REPORT_TO = ("tensorboard", "wandb")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -159,6 +160,10 @@ class TrainConfig:
     overwrite: bool = False  # with resume=false: delete an earlier run's checkpoints and metrics in output_dir
     max_nonfinite_steps: int = 3  # stop after this many consecutive steps skipped for a non-finite loss
     peak_tflops: float | None = None  # per-device peak for the mfu metric; None: the bf16 table of known GPUs
+    # Trackers beside metrics.jsonl (orpo_ds.tracking): tensorboard (<output_dir>/tensorboard), wandb
+    report_to: tuple[str, ...] = ()
+    run_name: str | None = None  # W&B's run name; None: the output folder's name
+    wandb_project: str = "orpo-ds"
 
     def __post_init__(self):
         _require(bool(self.output_dir.strip()), "train.output_dir", "is empty; name a folder for this run, "
@@ -189,6 +194,11 @@ class TrainConfig:
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         _require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops",
                  f"must be > 0 or null (use the table of known GPUs), got {self.peak_tflops}")
+        for tracker in self.report_to:
+            _require(tracker in REPORT_TO, "train.report_to",
+                     f"{tracker!r} is not one of {', '.join(REPORT_TO)} (a list, e.g. [tensorboard, wandb]; "
+                     f"[] for none)")
+        _require(bool(self.wandb_project), "train.wandb_project", "is empty; name a W&B project")
         _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
                  f"must be two numbers in [0, 1), got {self.adam_betas}")
 

@@ -13,17 +13,21 @@ from orpo_ds.safe_files import atomic_write
 
 
 class MetricsLog:
-    """Appends one JSON object per line and flushes it, so a crash loses no logged step."""
+    """Appends one JSON object per line and flushes it, so a crash loses no logged step; each record also
+    goes to the attached trackers (:class:`orpo_ds.tracking.Trackers`, ``train.report_to``)."""
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+        self.trackers = None
 
     def write(self, record: dict) -> dict:
         if self.enabled:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
             with self.path.open("a") as f:
                 f.write(json.dumps(clean) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(clean)
         return record
 
     def truncate_after(self, step: int) -> None:

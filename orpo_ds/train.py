@@ -22,6 +22,7 @@ import torch
 
 from orpo_ds import checkpoint as ckpt_lib
 from orpo_ds import engine as eng_lib
+from orpo_ds import tracking
 from orpo_ds.batch import MicroBatch, micro_batches
 from orpo_ds.compare import compare_snapshots, comparison_report, seen_sample
 from orpo_ds.config import Config, ConfigError, dump_config
@@ -122,6 +123,18 @@ def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: 
     return resume_from
 
 
+def open_trackers(cfg: Config, info, resume_step: int) -> tracking.Trackers:
+    """Collective: rank 0 opens ``train.report_to``'s trackers; a failure there ends every rank."""
+    trackers, error = None, None
+    try:
+        trackers = tracking.Trackers(cfg, resume_step=resume_step, enabled=info.is_main)
+    except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+        error = exc
+    raise_if_any_rank_failed(error, ConfigError("train.report_to: a tracker failed to start on rank 0 (see its "
+                                                "error)"))
+    return trackers
+
+
 @dataclass
 class Run:
     """What the loop works with, built by :func:`start_run`."""
@@ -160,6 +173,7 @@ def start_run(cfg: Config) -> Run:
         check_export_target(out_dir / "final", protected=[])
     dtype = eng_lib.resolve_dtype(t, info)
     ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), t, info.world_size, dtype)
+    tracking.check_installed(cfg)
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)
@@ -170,6 +184,7 @@ def start_run(cfg: Config) -> Run:
     identity = ckpt_lib.run_identity(cfg, info.world_size, train_pairs, tokenizer)
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
     resume_from = prepare_output_dir(cfg, info, identity, log)
+    log.trackers = open_trackers(cfg, info, ckpt_lib.read_state(resume_from).step if resume_from else 0)
 
     policy, keepalive = build_policy(cfg.model, ds_config, dtype, chunk_size=cfg.loss.chunk_size,
                                      share_prompt=t.share_prompt)
@@ -284,5 +299,6 @@ def finish_run(run: Run, state: ckpt_lib.TrainerState, summary: dict[str, Any]) 
               f"curves: {summary['plot']}\n[engine] rank 0 holds {held}", flush=True)
     eng_lib.barrier()
     run.engine.close()
+    run.log.trackers.close()
     run.lock.release()
     return summary

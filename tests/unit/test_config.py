@@ -90,3 +90,22 @@ def test_ds_config_conflicts_are_errors():
 def test_missing_ds_config_file():
     with pytest.raises(ConfigError, match="deepspeed.config"):
         read_ds_config("ds_configs/nope.json")
+
+
+def test_report_to_names_known_trackers_and_a_missing_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from orpo_ds import tracking
+
+    base = ["model.name_or_path=m", "data.train=pairs.jsonl"]
+    assert load_config(None, base).train.report_to == ()
+    cfg = load_config(None, [*base, "train.report_to=[tensorboard,wandb]"])
+    assert cfg.train.report_to == ("tensorboard", "wandb")
+    assert load_config(None, [*base, "train.report_to=wandb"]).train.report_to == ("wandb",)
+    with pytest.raises(ConfigError, match="^train.report_to: 'mlflow' is not one of tensorboard, wandb"):
+        load_config(None, [*base, "train.report_to=[mlflow]"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^train.report_to: wandb needs the wandb package; pip install "
+                                          r"'orpo-ds\[tracking\]'"):
+        tracking.check_installed(cfg)
