@@ -1,4 +1,4 @@
-"""``orpo-ds`` command line: train, eval, export, plan.
+"""``orpo-ds`` command line: train, eval, export, plan, config (importers).
 
 Works as ``orpo-ds ...``, ``python -m orpo_ds ...``, under ``deepspeed --module orpo_ds ...`` (which
 adds ``--local_rank=N``), ``torchrun`` and ``srun``.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from orpo_ds.config import ConfigError, load_config
 from orpo_ds.data import DataError
@@ -53,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="GiB per GPU kept for the CUDA context, NCCL and allocator fragmentation")
     n.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
     n.add_argument("--write-ds-config", help="write the plan's DeepSpeed JSON (engine settings) to this new file")
+    c = sub.add_parser("config", help="import a config users already have (TRL, axolotl) as an orpo-ds YAML")
+    csub = c.add_subparsers(dest="importer", required=True)
+    for kind, what in (("trl", "a TRL ORPOConfig-style YAML or JSON (with its script's model/dataset/LoRA keys)"),
+                       ("axolotl", "an axolotl YAML with rl: orpo")):
+        i = csub.add_parser(f"from-{kind}", help=f"read {what}")
+        i.add_argument("file", help=f"the {kind} config")
+        i.add_argument("--out", help="write the orpo-ds YAML to this new file (default: standard output)")
     return p
 
 
@@ -89,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "config":
+            return _import_config(args)
         if args.command == "export":
             from orpo_ds.export import export_checkpoint
 
@@ -139,6 +149,29 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict() | {"sbatch": sbatch_line(plan, args.config, args.overrides)}, indent=2))
     else:
         print(render(plan, args.config, args.overrides))
+    return 0
+
+
+def _import_config(args: argparse.Namespace) -> int:
+    """The imported YAML on stdout or to a new ``--out`` file; each unmapped key and why on stderr."""
+    from orpo_ds.importers import import_config, render
+    from orpo_ds.safe_files import UnsafeOutputError, atomic_write
+
+    kind = args.importer.removeprefix("from-")
+    if args.out and Path(args.out).exists():  # never replace a file the user has
+        raise UnsafeOutputError(f"--out: {args.out} exists; name a new file")
+    _, imported = import_config(kind, args.file)  # validated as train would: a bad value exits 2 here
+    text = render(imported, kind, args.file)
+    if args.out:
+        atomic_write(args.out, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text, end="")
+    for key, why in imported.unmapped.items():
+        print(f"unmapped {key}: {why}", file=sys.stderr)
+    for key in imported.missing:
+        print(f"missing {key}: required, and not in {args.file}; set it in the YAML before training", file=sys.stderr)
+    print(f"{len(imported.unmapped)} key(s) not mapped", file=sys.stderr)
     return 0
 
 
