@@ -205,14 +205,21 @@ def read_state(ckpt: Path) -> TrainerState:
     return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
 
 
-def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path) -> None:
+def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path, *, world_size_change: str = "refuse",
+                     zero_stage: int = 3) -> None:
     """Refuse a resume whose data position or engine state would not mean the same thing; ``new`` is the
-    state this run would save (its step and epoch are ignored)."""
+    state this run would save (its step and epoch are ignored). A new world size is accepted with
+    ``train.resume_world_size_change=allow`` under ZeRO-3 (the stage DeepSpeed's universal checkpoint
+    conversion is tested with here)."""
     problems = []
-    if state.world_size != new.world_size:
+    if state.world_size != new.world_size and not (world_size_change == "allow" and zero_stage == 3):
+        how = (f"resume with {state.world_size} ranks, set train.resume_world_size_change=allow (ZeRO-3), or "
+               f"export the checkpoint and start a new run from the exported model")
+        if world_size_change == "allow":
+            how = (f"a new world size needs ZeRO-3 here (this run is ZeRO-{zero_stage}); resume with "
+                   f"{state.world_size} ranks")
         problems.append(f"world size {state.world_size} -> {new.world_size} (ZeRO partitions and the data plan "
-                        f"depend on it; resume with {state.world_size} ranks, or export the checkpoint and start a "
-                        f"new run from the exported model)")
+                        f"depend on it; {how})")
     for key in ("grad_accum", "micro_batch_tokens", "seed"):
         if getattr(state, key) != getattr(new, key):
             problems.append(f"train.{key} {getattr(state, key)} -> {getattr(new, key)} (it changes which pairs "
@@ -241,6 +248,27 @@ def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path) -> None
     if problems:
         raise ResumeError(f"cannot resume from {ckpt}: " + "; ".join(problems) +
                           ". Set train.resume=false to start fresh, or restore the old settings.")
+
+
+def universal_copy(ckpt: Path) -> Path:
+    """Rank 0, for a resume on another world size: DeepSpeed's universal form of ``ckpt``'s ZeRO-3 state
+    (``ds_to_universal``: every parameter's fp32 value and AdamW moments whole, one folder per parameter),
+    which the engine loads on any number of ranks with ``checkpoint.load_universal``. Written next to the
+    checkpoint as ``.universal-step-N`` (the checkpoint itself is never modified) and deleted by
+    :meth:`CheckpointSaver.resume` once loaded."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    final = ckpt.parent / f".universal-{ckpt.name}"
+    tmp = ckpt.parent / f".universal-{ckpt.name}.tmp"
+    for stale in (final, tmp):
+        shutil.rmtree(stale, ignore_errors=True)
+    ds_to_universal(argparse.Namespace(input_folder=str(ckpt / "ds" / "state"), output_folder=str(tmp / "state"),
+                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                       strict=True, inject_missing_state=False))
+    tmp.rename(final)
+    return final
 
 
 def begin_save(output_dir: str | Path, step: int) -> Path:
@@ -348,12 +376,23 @@ class CheckpointSaver:
         if self.save_steps and state.step % self.save_steps == 0 and state.step < last_step:
             self.save(state)
 
-    def resume(self, ckpt: Path, log: MetricsLog, identity: TrainerState) -> TrainerState:
+    def resume(self, ckpt: Path, log: MetricsLog, identity: TrainerState,
+               universal: Path | None = None) -> TrainerState:
         """Load a checkpoint that :func:`check_compatible` accepted against ``identity`` (this run's
-        :func:`run_identity`); returns this run's state at the checkpoint's progress."""
+        :func:`run_identity`); returns this run's state at the checkpoint's progress.
+
+        On another world size the engine state comes from ``universal`` (:func:`universal_copy`, made by
+        rank 0 before the engine was built with ``checkpoint.load_universal``): weights, AdamW moments,
+        LR schedule and step count carry over. A rank that existed before restores its RNG states; a new
+        rank keeps the run's seeded ones.
+        """
         saved = read_state(ckpt)
-        self.engine.load(ckpt / "ds")
-        load_rank_state(ckpt, self.info.rank)
+        self.engine.load(universal if universal is not None else ckpt / "ds")
+        if self.info.rank < saved.world_size:
+            load_rank_state(ckpt, self.info.rank)
+        eng_lib.barrier()
+        if universal is not None and self.info.is_main:
+            shutil.rmtree(universal, ignore_errors=True)
         log.truncate_after(saved.step)
         if self.info.is_main:
             print(f"[checkpoint] resumed from {ckpt} at step {saved.step}", flush=True)

@@ -158,6 +158,9 @@ class TrainConfig:
     # auto: latest complete checkpoint in output_dir, if any | false | a checkpoint path (YAML true = auto)
     resume: str = field(default="auto", metadata={"bool_as": {True: "auto", False: "false"}})
     overwrite: bool = False  # with resume=false: delete an earlier run's checkpoints and metrics in output_dir
+    # refuse | allow: resume a ZeRO-3 checkpoint on another number of ranks (a universal checkpoint,
+    # orpo_ds.checkpoint.universal_copy); the epoch's remaining rows are dealt to the new ranks
+    resume_world_size_change: str = "refuse"
     max_nonfinite_steps: int = 3  # stop after this many consecutive steps skipped for a non-finite loss
     peak_tflops: float | None = None  # per-device peak for the mfu metric; None: the bf16 table of known GPUs
     # Trackers beside metrics.jsonl (orpo_ds.tracking): tensorboard (<output_dir>/tensorboard), wandb
@@ -191,6 +194,8 @@ class TrainConfig:
         _require(self.save_steps >= 0, "train.save_steps", "must be >= 0 (0: save only at the end)")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _require(bool(self.resume), "train.resume", "must be auto, false or a checkpoint path")
+        _require(self.resume_world_size_change in ("refuse", "allow"), "train.resume_world_size_change",
+                 f"{self.resume_world_size_change!r} is not one of refuse, allow")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         _require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops",
                  f"must be > 0 or null (use the table of known GPUs), got {self.peak_tflops}")

@@ -378,15 +378,28 @@ class StepPlan:
         return len(self.filled_rows())
 
 
+def epoch_rows(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, *, seed: int, epoch: int,
+               layout: PairLayout = DEFAULT_LAYOUT) -> tuple[list[list[int]], list[int]]:
+    """One epoch's packed rows (pair indices) in the order steps consume them, and their token counts.
+    They do not depend on the world size: only how they are dealt to steps and ranks does."""
+    lengths = [layout.num_tokens(p) for p in pairs]
+    bins = pack_pairs(lengths, micro_batch_tokens, seed=seed, epoch=epoch, pair_ids=[p.pair_id for p in pairs])
+    return bins, [sum(lengths[i] for i in b) for b in bins]
+
+
+def deal_rows(bins: list[list[int]], bin_tokens: list[int], world_size: int, grad_accum: int,
+              epoch: int) -> list[StepPlan]:
+    """Rows to optimizer steps, ranks and micro-batch slots (:func:`plan_steps`)."""
+    return [StepPlan(epoch, [[bins[b] if b is not None else None for b in rank_slots] for rank_slots in step])
+            for step in plan_steps(bin_tokens, world_size, grad_accum)]
+
+
 def plan_epoch(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
                seed: int, epoch: int, layout: PairLayout = DEFAULT_LAYOUT) -> list[StepPlan]:
     """Pack one epoch's pairs into rows and deal the rows to steps and ranks: a deterministic function of
     its arguments, so every rank computes the same plan with no communication."""
-    lengths = [layout.num_tokens(p) for p in pairs]
-    bins = pack_pairs(lengths, micro_batch_tokens, seed=seed, epoch=epoch, pair_ids=[p.pair_id for p in pairs])
-    bin_tokens = [sum(lengths[i] for i in b) for b in bins]
-    return [StepPlan(epoch, [[bins[b] if b is not None else None for b in rank_slots] for rank_slots in step])
-            for step in plan_steps(bin_tokens, world_size, grad_accum)]
+    bins, bin_tokens = epoch_rows(pairs, micro_batch_tokens, seed=seed, epoch=epoch, layout=layout)
+    return deal_rows(bins, bin_tokens, world_size, grad_accum, epoch)
 
 
 def plan_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
@@ -398,6 +411,32 @@ def plan_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size
                             layout=layout)
         if max_steps and len(steps) >= max_steps:
             break
+    return steps[:max_steps] if max_steps else steps
+
+
+def replan_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, old_world_size: int, world_size: int,
+               grad_accum: int, *, done_steps: int, seed: int, epochs: int, max_steps: int = 0,
+               layout: PairLayout = DEFAULT_LAYOUT) -> list[StepPlan]:
+    """The step plan of a run resumed on ``world_size`` ranks after ``done_steps`` steps on
+    ``old_world_size``: those steps as they ran, then the rest of their epoch's rows dealt to the new world
+    size, then the later epochs planned for it. An epoch's rows do not depend on the world size, and steps
+    consume them in order, so no pair of the epoch is trained twice and none is skipped. ``max_steps``
+    still caps the total number of optimizer steps.
+    """
+    old = plan_run(pairs, micro_batch_tokens, old_world_size, grad_accum, seed=seed, epochs=epochs,
+                   max_steps=max_steps, layout=layout)
+    done = old[:done_steps]
+    if not done:
+        return plan_run(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epochs=epochs,
+                        max_steps=max_steps, layout=layout)
+    epoch = done[-1].epoch
+    consumed = sum(step.num_filled_rows for step in done if step.epoch == epoch)
+    bins, bin_tokens = epoch_rows(pairs, micro_batch_tokens, seed=seed, epoch=epoch, layout=layout)
+    steps = done + deal_rows(bins[consumed:], bin_tokens[consumed:], world_size, grad_accum, epoch)
+    for later in range(epoch + 1, epochs):
+        if max_steps and len(steps) >= max_steps:
+            break
+        steps += plan_epoch(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epoch=later, layout=layout)
     return steps[:max_steps] if max_steps else steps
 
 

@@ -32,7 +32,7 @@ from orpo_ds.export import export_trained
 from orpo_ds.flops import peak_flops
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, build_policy
-from orpo_ds.packing import StepPlan, layout_for, plan_run
+from orpo_ds.packing import StepPlan, layout_for, plan_run, replan_run
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics, run_line
 from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, atomic_write, check_export_target
@@ -103,7 +103,8 @@ def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]
     return pairs
 
 
-def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: MetricsLog) -> Path | None:
+def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: MetricsLog,
+                       zero_stage: int) -> Path | None:
     """Decide fresh start or resume, refusing what would mix two runs, then record the config.
 
     Returns the checkpoint to resume from (None: a fresh start). config.json is written only once the
@@ -112,7 +113,8 @@ def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: 
     out_dir = Path(cfg.train.output_dir)
     resume_from = ckpt_lib.resolve_resume(cfg.train.resume, out_dir, overwrite=cfg.train.overwrite)
     if resume_from is not None:
-        ckpt_lib.check_compatible(ckpt_lib.read_state(resume_from), identity, resume_from)
+        ckpt_lib.check_compatible(ckpt_lib.read_state(resume_from), identity, resume_from,
+                                  world_size_change=cfg.train.resume_world_size_change, zero_stage=zero_stage)
     if info.is_main:
         if resume_from is None:
             if cfg.train.overwrite:
@@ -121,6 +123,38 @@ def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: 
         (out_dir / "config.json").write_text(dump_config(cfg))
     eng_lib.barrier()
     return resume_from
+
+
+def resume_on_new_world_size(cfg: Config, info, saved: ckpt_lib.TrainerState, ckpt: Path,
+                             train_pairs: list[TokenizedPair]) -> tuple[list[StepPlan], Path]:
+    """Collective: the step plan of a run resumed on ``info.world_size`` ranks after ``saved.step`` steps on
+    ``saved.world_size`` (:func:`orpo_ds.packing.replan_run`), and the universal copy of ``ckpt`` the
+    engine loads instead of its ZeRO-3 partitions."""
+    t = cfg.train
+    steps = replan_run(train_pairs, t.micro_batch_tokens, saved.world_size, info.world_size, t.grad_accum,
+                       done_steps=saved.step, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps,
+                       layout=layout_for(t.share_prompt))
+    universal = convert_to_universal(ckpt, info)
+    if info.is_main:
+        epoch = steps[saved.step - 1].epoch if saved.step else 0
+        print(f"[checkpoint] resuming step {saved.step} of a {saved.world_size}-rank run on {info.world_size} ranks "
+              f"through a universal checkpoint: {len(steps) - saved.step} steps left, the rest of epoch {epoch}'s "
+              f"rows dealt to the new ranks", flush=True)
+    return steps, universal
+
+
+def convert_to_universal(ckpt: Path, info) -> Path:
+    """Collective: rank 0 writes the universal copy of ``ckpt`` (:func:`orpo_ds.checkpoint.universal_copy`);
+    a failure there ends every rank."""
+    path, error = ckpt.parent / f".universal-{ckpt.name}", None
+    if info.is_main:
+        try:
+            path = ckpt_lib.universal_copy(ckpt)
+        except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+            error = exc
+    raise_if_any_rank_failed(error, ckpt_lib.ResumeError(f"{ckpt}: converting to a universal checkpoint failed "
+                                                         f"on rank 0 (see its error)"))
+    return path
 
 
 def open_trackers(cfg: Config, info, resume_step: int) -> tracking.Trackers:
@@ -183,8 +217,13 @@ def start_run(cfg: Config) -> Run:
                      max_steps=t.max_steps, layout=layout)
     identity = ckpt_lib.run_identity(cfg, info.world_size, train_pairs, tokenizer)
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
-    resume_from = prepare_output_dir(cfg, info, identity, log)
-    log.trackers = open_trackers(cfg, info, ckpt_lib.read_state(resume_from).step if resume_from else 0)
+    resume_from = prepare_output_dir(cfg, info, identity, log, eng_lib.zero_stage(ds_config))
+    saved = ckpt_lib.read_state(resume_from) if resume_from else None
+    log.trackers = open_trackers(cfg, info, saved.step if saved else 0)
+    universal = None
+    if saved is not None and saved.world_size != info.world_size:  # train.resume_world_size_change=allow
+        steps, universal = resume_on_new_world_size(cfg, info, saved, resume_from, train_pairs)
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
     policy, keepalive = build_policy(cfg.model, ds_config, dtype, chunk_size=cfg.loss.chunk_size,
                                      share_prompt=t.share_prompt)
@@ -211,7 +250,7 @@ def start_run(cfg: Config) -> Run:
     recorder = StepRecorder(beta=cfg.loss.beta, micro_batch_tokens=t.micro_batch_tokens, pairs=train_pairs,
                             nll_on_prompt=cfg.loss.nll_on_prompt, model_config=model_config, peak_flops=peak,
                             world_size=info.world_size)
-    start = saver.resume(resume_from, log, identity) if resume_from else identity
+    start = saver.resume(resume_from, log, identity, universal) if resume_from else identity
     return Run(cfg=cfg, info=info, steps=steps, train_pairs=train_pairs, pad_token_id=pad_id, tokenizer=tokenizer,
                policy=policy, engine=engine, saver=saver, evaluator=evaluator, recorder=recorder, log=log,
                start=start, lock=lock, keepalive=keepalive)

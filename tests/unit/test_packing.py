@@ -389,3 +389,30 @@ def test_negative_control_without_restarting_positions_logits_differ(tiny_llama)
         alone = tiny_llama(input_ids=input_ids[:, start:end], use_cache=False).logits[0]
         diffs.append((seq_logits - alone).abs().max().item())
     assert min(diffs) > 1e-3, diffs
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=80), st.integers(1, 4), st.integers(1, 4),
+       st.integers(1, 2), st.integers(1, 3), st.integers(0, 40), st.sampled_from([0, 0, 0, 2, 5, 11]))
+def test_replan_on_another_world_size_trains_every_pair_once_per_epoch(sizes, old_world, new_world, grad_accum,
+                                                                        epochs, done, max_steps):
+    """A resume on a new world size (train.resume_world_size_change=allow): the steps already run stay as
+    they were, and each epoch still trains every pair exactly once (none twice, none skipped)."""
+    from orpo_ds.packing import plan_run, replan_run
+
+    pairs = [TokenizedPair(i, (1,) * s, (2,) * (1 + s % 5), (3,) * (1 + s % 3)) for i, s in enumerate(sizes)]
+    args = dict(seed=3, epochs=epochs, max_steps=max_steps)
+    old = plan_run(pairs, 128, old_world, grad_accum, **args)
+    done %= len(old) + 1
+    new = replan_run(pairs, 128, old_world, new_world, grad_accum, done_steps=done, **args)
+    assert new[:done] == old[:done]
+    assert all(len(step.rows) == new_world for step in new[done:])
+    if max_steps:
+        assert len(new) <= max_steps
+    for epoch in range(epochs):
+        trained = Counter(i for step in new if step.epoch == epoch for row in step.filled_rows() for i in row)
+        complete = not max_steps or any(step.epoch > epoch for step in new)  # not cut by max_steps
+        if complete:
+            assert trained == Counter(range(len(pairs))), epoch
+        else:
+            assert all(count == 1 for count in trained.values())
