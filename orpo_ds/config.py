@@ -46,6 +46,10 @@ class LoraConfig:
     target_modules: tuple[str, ...] = ("all-linear",)
     # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (CUDA only; ZeRO stage 0-2)
     load_in_4bit: bool = False
+    # Train the output head's weight itself beside the adapters (and so, in a model that ties them, the
+    # input embeddings, which are the same tensor). The adapter folder then carries it (peft's
+    # save_embedding_layers), so it is much larger: vocab x hidden weights, often more than the adapters.
+    train_head: bool = False
 
     def __post_init__(self):
         _require(self.r >= 1, "model.lora.r", f"must be >= 1, got {self.r}")
@@ -55,6 +59,8 @@ class LoraConfig:
                  "must name at least one module (e.g. [q_proj, v_proj]) or be all-linear")
         _require("all-linear" not in self.target_modules or len(self.target_modules) == 1,
                  "model.lora.target_modules", "all-linear already means every linear layer; give it alone")
+        _require(not (self.train_head and self.load_in_4bit), "model.lora.train_head",
+                 "cannot train a 4-bit quantized head; set model.lora.load_in_4bit=false or train_head=false")
 
 
 @dataclass(frozen=True)

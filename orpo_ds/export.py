@@ -9,7 +9,7 @@ import torch
 
 from orpo_ds import engine as eng_lib
 from orpo_ds import lora as lora_lib
-from orpo_ds.checkpoint import find_checkpoint, output_dir_of
+from orpo_ds.checkpoint import find_checkpoint, output_dir_of, read_state
 from orpo_ds.config import ConfigError
 from orpo_ds.model import PolicyWithChunkedHead
 from orpo_ds.safe_files import check_export_target, mark_export, replace_dir, staging_dir
@@ -61,7 +61,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_
              for k, v in eng_lib.consolidate_zero_checkpoint(ckpt / "ds").items()}
     config = AutoConfig.from_pretrained(ckpt / "hf")
     if adapter:
-        model = lora_lib.rebuild_from_state(config, ckpt / "hf", state, dtype or torch.float32)
+        lora = read_state(ckpt).config["model"]["lora"]
+        model = lora_lib.rebuild_from_state(config, ckpt / "hf", state, dtype or torch.float32,
+                                            train_head=bool(lora.get("train_head")))
         model = model.merge_and_unload() if merge else model
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
@@ -72,7 +74,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_
             raise RuntimeError(f"checkpoint {ckpt} does not match the model config: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
     tmp = staging_dir(target)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+    if lora_lib.is_lora(model):  # the adapter folder (with the head's weight where it was trained)
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=lora_lib.trains_head(model))
+    else:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     mark_export(tmp)
     return replace_dir(tmp, target)

@@ -1,4 +1,5 @@
-"""LoRA (and QLoRA) through peft: adapters on the body's linear layers, a frozen base and a frozen head.
+"""LoRA (and QLoRA) through peft: adapters on the body's linear layers, a frozen base and a frozen head
+unless ``model.lora.train_head`` asks for the head's weight to train too.
 
 The policy wraps the ``PeftModel`` itself, so the engine's state dict, its checkpoints and the gathered
 state of :meth:`orpo_ds.engine.Engine.full_state_dict` carry peft's own keys
@@ -39,14 +40,20 @@ def check_head_untouched(causal_lm: nn.Module, lora: LoraConfig) -> None:
     for target in lora.target_modules:
         for name in head_names:
             if target != "all-linear" and (name == target or name.endswith(f".{target}")):
-                raise ConfigError(f"model.lora.target_modules: {target!r} is the output head ({name}), which "
-                                  f"stays frozen under LoRA (the chunked head reads its weight directly); "
-                                  f"remove it")
+                raise ConfigError(f"model.lora.target_modules: {target!r} is the output head ({name}); the "
+                                  f"chunked head reads its weight directly, so an adapter on it would be "
+                                  f"skipped. Remove it, and set model.lora.train_head=true to train the "
+                                  f"head's weight itself")
 
 
 def apply_lora(causal_lm: nn.Module, lora: LoraConfig, base_name_or_path: str) -> nn.Module:
-    """Freeze ``causal_lm`` and wrap it in a ``PeftModel`` whose adapters are the only trainable
-    parameters. The head and the embeddings stay frozen (peft's all-linear skips the output layer)."""
+    """Freeze ``causal_lm`` and wrap it in a ``PeftModel`` whose adapters are the trainable parameters.
+
+    The head and the embeddings stay frozen (peft's all-linear skips the output layer), unless
+    ``lora.train_head``: then the head's own weight (and bias) trains too. It is the base tensor itself,
+    not a copy beside it (peft's ``modules_to_save`` would deep-copy a ZeRO-3-partitioned parameter), so
+    in a model with tied embeddings the input embeddings move with it.
+    """
     import peft
 
     check_head_untouched(causal_lm, lora)
@@ -54,7 +61,14 @@ def apply_lora(causal_lm: nn.Module, lora: LoraConfig, base_name_or_path: str) -
         model = peft.get_peft_model(causal_lm, peft_config(lora, base_name_or_path))
     except ValueError as exc:  # peft's message names the modules it could not find
         raise ConfigError(f"model.lora.target_modules: {exc}") from exc
+    if lora.train_head:
+        model.get_output_embeddings().requires_grad_(True)
     return model
+
+
+def trains_head(model: nn.Module) -> bool:
+    """Whether the output head's weight is trained (``model.lora.train_head``) in the PeftModel ``model``."""
+    return model.get_output_embeddings().weight.requires_grad
 
 
 def is_lora(model: nn.Module) -> bool:
@@ -91,14 +105,21 @@ def quantization_config(lora: LoraConfig | None, *, on_gpu: bool, zero_stage: in
 
 def save_adapter(model: nn.Module, state: dict[str, torch.Tensor], out_dir: Path) -> None:
     """Write the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) of the
-    ``PeftModel`` ``model`` from ``state``, its full gathered state dict (peft keeps the adapter keys)."""
-    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    ``PeftModel`` ``model`` from ``state``, its full gathered state dict (peft keeps the adapter keys).
+
+    With a trained head, peft's ``save_embedding_layers`` adds the head's and the input embeddings'
+    weights, which ``PeftModel.from_pretrained`` loads over the base's and ``merge_and_unload`` keeps.
+    """
+    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True,
+                          save_embedding_layers=trains_head(model))
 
 
-def rebuild_from_state(base_config, adapter_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dtype):
+def rebuild_from_state(base_config, adapter_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dtype, *,
+                       train_head: bool = False):
     """A ``PeftModel`` on the CPU holding ``state`` (a checkpoint's consolidated state dict in peft's
     keys, base weights included), built from the model config and the adapter config in
-    ``adapter_dir``: an export needs neither the base model's folder nor a GPU."""
+    ``adapter_dir``: an export needs neither the base model's folder nor a GPU. ``train_head``
+    (the run's ``model.lora.train_head``) marks the head as trained, so :func:`save_adapter` writes it."""
     import peft
     from transformers import AutoModelForCausalLM
 
@@ -106,6 +127,7 @@ def rebuild_from_state(base_config, adapter_dir: Path, state: dict[str, torch.Te
     adapter_config = peft.PeftConfig.from_pretrained(adapter_dir)
     trained_on = adapter_config.base_model_name_or_path
     model = peft.get_peft_model(base, adapter_config)
+    model.get_output_embeddings().requires_grad_(train_head)
     # peft records the model it wrapped (here the checkpoint's hf/ folder); the saved adapter names the
     # base it was trained on, which is what PeftModel.from_pretrained of it should load.
     model.peft_config["default"].base_model_name_or_path = trained_on

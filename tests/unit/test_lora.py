@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from orpo_ds import cli
 from orpo_ds.config import ConfigError, LoraConfig, load_config
-from orpo_ds.lora import apply_lora, quantization_config
+from orpo_ds.lora import apply_lora, quantization_config, rebuild_from_state, save_adapter, trains_head
 from orpo_ds.model import PolicyWithChunkedHead
 
 BASE = ["model.name_or_path=m", "data.train=pairs.jsonl"]
@@ -44,6 +44,7 @@ def test_lora_keys_from_yaml_and_dotted_overrides(tmp_path):
     (["model.lora.target_modules=[all-linear,q_proj]"], "model.lora.target_modules"),
     (["model.lora.r=4", "model.trainable_layers=1"], "model.trainable_layers"),
     (["model.lora.r.x=1"], "model.lora.r.x"),
+    (["model.lora.train_head=true", "model.lora.load_in_4bit=true"], "model.lora.train_head"),
 ])
 def test_bad_lora_settings_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"^{key.replace('.', '[.]')}: "):
@@ -57,6 +58,51 @@ def test_only_adapters_train_and_the_head_stays_frozen():
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # all-linear
     assert not model.get_output_embeddings().weight.requires_grad
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_train_head_trains_the_heads_own_weight_beside_the_adapters(tie):
+    model = apply_lora(_tiny_llama(tie), LoraConfig(r=4, train_head=True), "m")
+    head = model.get_output_embeddings().weight
+    assert head.requires_grad and trains_head(model)
+    others = [n for n, p in model.named_parameters() if p.requires_grad and p is not head]
+    assert others and all(".lora_A." in n or ".lora_B." in n for n in others)
+    # Tied: the input embeddings are the head's tensor, so they train with it; untied they stay frozen.
+    assert model.get_input_embeddings().weight.requires_grad is tie
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_adapter_folder_with_a_trained_head_reloads_and_merges_with_peft(tmp_path, tie):
+    from peft import PeftModel
+
+    _tiny_llama(tie).save_pretrained(tmp_path / "base")
+    model = apply_lora(_tiny_llama(tie), LoraConfig(r=4, train_head=True), str(tmp_path / "base"))
+    with torch.no_grad():  # as if trained: the head and the adapters moved off the base
+        model.get_output_embeddings().weight.add_(0.05)
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.1)
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+    save_adapter(model, model.state_dict(), tmp_path / "adapter")
+    rebuilt = rebuild_from_state(model.config, tmp_path / "adapter", model.state_dict(), torch.float32,
+                                 train_head=True)  # as `orpo-ds export` rebuilds it from a checkpoint
+    save_adapter(rebuilt, rebuilt.state_dict(), tmp_path / "rebuilt")
+    for folder in ("adapter", "rebuilt"):
+        loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / folder)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-6, msg=folder)
+            merged = loaded.merge_and_unload()
+            merged.save_pretrained(tmp_path / f"{folder}-merged")
+            reread = LlamaForCausalLM.from_pretrained(tmp_path / f"{folder}-merged")
+            torch.testing.assert_close(reread(ids).logits, want, rtol=1e-5, atol=1e-6, msg=f"{folder} merged")
+    # Without train_head the folder holds the adapters only, and the base's head is what loads.
+    plain = apply_lora(_tiny_llama(tie), LoraConfig(r=4), str(tmp_path / "base"))
+    save_adapter(plain, plain.state_dict(), tmp_path / "plain")
+    from safetensors.torch import load_file
+
+    assert all(".lora_" in k for k in load_file(tmp_path / "plain" / "adapter_model.safetensors"))
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -82,9 +128,9 @@ def test_qlora_where_it_cannot_run_is_a_config_error(on_gpu, stage, message):
     assert quantization_config(None, on_gpu=on_gpu, zero_stage=stage, dtype=torch.bfloat16) is None
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_chunked_head_over_peft_equals_peft_full_logits_on_values_and_adapter_gradients(tie):
-    model = apply_lora(_tiny_llama(tie), LoraConfig(r=4, dropout=0.0), "m")
+@pytest.mark.parametrize("tie, train_head", [(False, False), (True, False), (False, True), (True, True)])
+def test_chunked_head_over_peft_equals_peft_full_logits_on_values_and_adapter_gradients(tie, train_head):
+    model = apply_lora(_tiny_llama(tie), LoraConfig(r=4, dropout=0.0, train_head=train_head), "m")
     for name, p in model.named_parameters():  # B starts at 0, which would hide the adapters' path
         if ".lora_B." in name:
             torch.nn.init.normal_(p, std=0.1)
@@ -122,3 +168,8 @@ def test_plan_counts_the_adapters_the_trainer_trains():
     assert shape.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert shape.total_params == sum(p.numel() for p in model.parameters())
     assert not shape.head_trainable
+    with_head = LoraConfig(r=4, target_modules=("q_proj", "down_proj"), train_head=True)
+    shape = model_shape(model.config, lora=with_head)
+    assert shape.head_trainable
+    assert shape.trainable_params == sum(p.numel() for p in apply_lora(_tiny_llama(), with_head, "m").parameters()
+                                         if p.requires_grad)
