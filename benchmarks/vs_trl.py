@@ -11,7 +11,9 @@ Workloads:
 * ``demo``: the main job. orpo-ds runs ``configs/demo.yaml`` exactly as ``make train`` runs it (``make
   train`` itself, into a temporary output folder); TRL trains on the same SmolLM2-135M-Instruct, the same
   train pairs (the first ``--trl-pairs``, in conversational form, so its chat template renders them) at
-  the same max_length, beta and learning rate, batch 2, ``OMP_NUM_THREADS`` threads.
+  the same max_length, beta and learning rate, batch 2, ``OMP_NUM_THREADS`` threads, with the config's
+  ``model.trainable_layers`` frozen by the same function (``orpo_ds.model.train_top_layers_only``). TRL
+  gets only the pairs whose prompt leaves room for a response (:func:`trl_prompt_tokens` says why).
 * ``synthetic``: 64 pairs (``--synthetic-pairs``) of random words (prompts U[32, 384], responses
   U[16, 256] words), a word-level tokenizer (one token per word, so both systems see the same tokens) and
   a random 4-layer Llama (hidden 256, vocab ``--vocab``), ~4 pairs a step for both (TRL batch 4).
@@ -126,11 +128,18 @@ def trl_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()][: args.pairs]
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    trainable = [row for row in rows if trl_prompt_tokens(tokenizer, row["prompt"]) < args.max_length - 1]
+    skipped = len(rows) - len(trainable)
+    rows = trainable[: args.pairs]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    if args.trainable_layers:  # the same freeze tuning as the orpo-ds config, by the same function
+        from orpo_ds.model import train_top_layers_only
+
+        train_top_layers_only(model, args.trainable_layers)
     steps = -(-len(rows) // args.batch)
     config = ORPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), per_device_train_batch_size=args.batch,
                         learning_rate=args.lr, beta=args.beta, max_length=args.max_length, max_steps=steps,
@@ -151,17 +160,38 @@ def trl_worker(args: argparse.Namespace) -> None:
     trainer.save_model()  # orpo-ds's process writes its trained model too
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     Path(args.result).write_text(json.dumps({"train_s": output.metrics["train_runtime"], **counted,
-                                             "final_loss": losses[-1]}))
+                                             "final_loss": losses[-1], "trl_skipped_long_prompts": skipped}))
+
+
+def trl_prompt_tokens(tokenizer, prompt) -> int:
+    """Tokens of a prompt as TRL's ORPOTrainer renders it (chat template with the generation prompt).
+
+    TRL 1.16's ORPO truncation cuts only the response, never the prompt: a prompt of ``max_length`` tokens
+    or more leaves an empty response, whose mean log-prob is 0/0. That NaN reaches the gradient and, on
+    the next step, every weight (seen on the demo data at max_length 384). The worker therefore trains
+    TRL only on pairs whose prompt leaves room for a response; orpo-ds cuts such prompts from the left.
+    """
+    if isinstance(prompt, str):
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def trl_command(model: Path, data: Path, result: Path, *, pairs: int, batch: int, beta: float, lr: float,
-                max_length: int, threads: int) -> list[str]:
+                max_length: int, threads: int, trainable_layers: int | None) -> list[str]:
     return [sys.executable, __file__, "--trl-worker", "--model", str(model), "--data", str(data),
             "--result", str(result), "--pairs", str(pairs), "--batch", str(batch), "--beta", str(beta),
-            "--lr", str(lr), "--max-length", str(max_length), "--threads", str(threads)]
+            "--lr", str(lr), "--max-length", str(max_length), "--threads", str(threads),
+            "--trainable-layers", str(trainable_layers or 0)]
 
 
 # ---------------------------------------------------------------------------------------- workloads
+
+def demo_trainable_layers(config: Path) -> int | None:
+    """``model.trainable_layers`` of the demo config: TRL's run freezes the same layers."""
+    import yaml
+
+    return yaml.safe_load(config.read_text())["model"].get("trainable_layers")
+
 
 def demo_trl_data(path: Path) -> None:
     """The demo's ShareGPT pairs in TRL's conversational form (prompt messages, one assistant reply each)."""
@@ -232,7 +262,8 @@ def main() -> None:
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     for flag in ("--model", "--data", "--result"):
         ap.add_argument(flag, help=argparse.SUPPRESS)
-    for flag, kind in (("--pairs", int), ("--batch", int), ("--beta", float), ("--lr", float)):
+    for flag, kind in (("--pairs", int), ("--batch", int), ("--beta", float), ("--lr", float),
+                       ("--trainable-layers", int)):
         ap.add_argument(flag, type=kind, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trl_worker:
@@ -254,13 +285,14 @@ def main() -> None:
             trl_data = work / "demo_trl.jsonl"
             demo_trl_data(trl_data)
             trl_model, figures, max_length = DEMO_MODEL, DEMO, DEMO["max_length"]
+            trainable_layers = demo_trainable_layers(config)
         else:
             folder = work / "synthetic"
             folder.mkdir()
             trl_model, trl_data = make_synthetic(folder, vocab=args.vocab, num_pairs=args.synthetic_pairs,
                                                  max_length=args.max_length)
             config, extra = synthetic_config(folder, trl_model, trl_data, args.max_length), []
-            figures, max_length = SYNTHETIC, args.max_length
+            figures, max_length, trainable_layers = SYNTHETIC, args.max_length, None
         results: dict[str, list[dict]] = {v: [] for v in variants}
         # orpo-ds first in each repeat: on the demo, TRL trains on as many pairs as orpo-ds did.
         order = sorted(variants, key=lambda v: v == "trl")
@@ -274,7 +306,7 @@ def main() -> None:
                     result_file = work / f"{tag}.json"
                     cmd = trl_command(trl_model, trl_data, result_file, pairs=trl_pairs, batch=figures["trl_batch"],
                                       beta=figures["beta"], lr=figures["lr"], max_length=max_length,
-                                      threads=args.threads)
+                                      threads=args.threads, trainable_layers=trainable_layers)
                     env, read = os.environ.copy(), functools.partial(read_json, result_file)
                 else:
                     out_dir = work / tag
