@@ -270,6 +270,15 @@ class Engine:
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
 
+    def describe(self) -> str:
+        """One start-up line: the ZeRO stage, the optimizer that runs, and what is offloaded to the CPU."""
+        zero = self.ds_config.get("zero_optimization", {})
+        offloaded = [name for name in ("optimizer", "param")
+                     if zero.get(f"offload_{name}", {}).get("device", "none") not in (None, "none")]
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the optimizer we built
+        return (f"ZeRO-{zero_stage(self.ds_config)}, optimizer {type(inner).__name__}, offloaded to the CPU: "
+                f"{', '.join(offloaded) or 'nothing'}")
+
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of ``loss``, this micro-batch's share of the step's loss: after the
         step's last backward the gradients are exactly those of the step's (globally normalised) loss.

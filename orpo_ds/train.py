@@ -237,6 +237,8 @@ def start_run(cfg: Config) -> Run:
               f"{f'peak {peak / 1e12:.0f} TFLOP/s per device' if peak else 'off (no known peak)'}; liger: "
               f"{policy.liger}", flush=True)
     engine = eng_lib.Engine(policy, t, ds_config, total_steps=len(steps))
+    if info.is_main:
+        print(f"[engine] {engine.describe()}", flush=True)
     saver = ckpt_lib.CheckpointSaver(engine, policy, tokenizer, t, info)
     evaluator = Evaluator(engine, eval_pairs, every=t.eval_steps, total_steps=len(steps),
                           micro_batch_tokens=t.micro_batch_tokens, beta=cfg.loss.beta,

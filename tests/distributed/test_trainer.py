@@ -107,14 +107,16 @@ def _freeze_all_but_last_layer_by_hand(model) -> None:
 # ZeRO-0 too: there DeepSpeed clips with a norm it does not report, so the engine measures grad_norm itself.
 # Freeze tuning under ZeRO-3: frozen partitioned weights must stay out of the gradient norm and the update.
 # A shared prompt under ZeRO-3: the same numbers as the naive reference, which runs every prompt twice.
+# ZeRO-3 with parameters and optimizer offloaded: DeepSpeedCPUAdam (JIT-built) takes the steps, and its
+# updates match torch's AdamW in the reference.
 # LoRA under ZeRO-3: the reference is peft's own model, its adapters drawn from the same seed; with
 # model.lora.train_head the head's partitioned weight trains beside them and the adapter folder carries it.
 @pytest.mark.parametrize("ds_config, trainable_layers, share_prompt, lora",
                          [(None, None, False, False), ("ds_configs/zero0.json", None, False, False),
                           (None, 1, False, False), (None, None, True, False), (None, None, False, True),
-                          (None, None, False, "train_head")],
+                          (None, None, False, "train_head"), ("ds_configs/zero3_offload.json", None, False, False)],
                          ids=["zero3", "zero0", "zero3-last-layer-only", "zero3-share-prompt", "zero3-lora",
-                              "zero3-lora-train-head"])
+                              "zero3-lora-train-head", "zero3-offload"])
 def test_two_ranks_match_single_process_reference_over_five_steps(tiny_model, synthetic_data, tmp_path, ds_config,
                                                                    trainable_layers, share_prompt, lora):
     extra = {"train.max_steps": 5, "train.lr_schedule": "constant", "train.lr": 2e-3, "train.max_grad_norm": 1.0,
@@ -129,6 +131,8 @@ def test_two_ranks_match_single_process_reference_over_five_steps(tiny_model, sy
     overrides, cfg, tokenizer, pairs = _reference_setup(tiny_model, synthetic_data["train"], tmp_path / "run", extra)
     proc = launch(["train", *overrides], ranks=2)
     assert proc.returncode == 0
+    optimizer = "DeepSpeedCPUAdam" if ds_config == "ds_configs/zero3_offload.json" else "AdamW"
+    assert f"optimizer {optimizer}," in proc.stdout
     got = train_steps(read_metrics(tmp_path / "run" / "metrics.jsonl"))
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
