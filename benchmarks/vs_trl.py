@@ -25,11 +25,13 @@ sequences of every trained pair over the training loop's time: orpo-ds's ``step_
 TRL's ``train_runtime``, with TRL's tokens counted from the attention masks of the batches it trained on.
 Both run in fp32 (``ORPOConfig`` would default to bf16 autocast) and both write the trained model.
 
-Variants: ``trl``; ``orpo-ds`` (the ``make train`` layout of this machine); ``orpo-ds:share-prompt``
+Variants: ``trl``; ``orpo-ds`` (the ``make train`` layout of this machine: on a CPU one rank with
+``ds_configs/zero0.json``, see the Makefile); ``orpo-ds:share-prompt``
 (the same with ``train.share_prompt=true``: each prompt encoded once for both responses); the ablations
 ``orpo-ds:dense-mask`` (``model.attn_implementation=sdpa``: transformers' dense ``[T, T]`` block mask
-instead of segmented attention), ``orpo-ds:zero0`` (the same one process without ZeRO partitioning, as TRL
-runs: with one rank ZeRO-3 partitions nothing and only adds its gathers and copies) and
+instead of segmented attention), ``orpo-ds:zero3`` (the same one process with ZeRO-3, the config's own
+engine settings, as a one-GPU check of a cluster config runs: with one rank ZeRO-3 partitions nothing and
+only adds its gathers and copies) and
 ``orpo-ds:2x1-zero3`` (2 CPU ranks of one thread, ZeRO-3, half the row budget each: the layout before
 this benchmark). The packing and labelled-head shares are measured by
 ``benchmarks/bench_packing.py``. With ``--append``, the table, the command and the machine are appended
@@ -56,7 +58,7 @@ DEMO_TRAIN = ROOT / "assets/data/dpo_en_demo.train.jsonl"
 DEMO_MODEL = ROOT / "assets/smollm2-135m-instruct"
 DEMO = {"beta": 3.0, "lr": 1.0e-4, "max_length": 384, "trl_batch": 2}  # configs/demo.yaml's figures
 SYNTHETIC = {"beta": 0.1, "lr": 1.0e-4, "trl_batch": 4}
-VARIANTS = ("trl", "orpo-ds", "orpo-ds:share-prompt", "orpo-ds:dense-mask", "orpo-ds:zero0", "orpo-ds:2x1-zero3")
+VARIANTS = ("trl", "orpo-ds", "orpo-ds:share-prompt", "orpo-ds:dense-mask", "orpo-ds:zero3", "orpo-ds:2x1-zero3")
 
 
 # ---------------------------------------------------------------------------------------- measuring
@@ -90,8 +92,8 @@ def orpo_ds_variant(variant: str, config: Path, out_dir: Path, extra: list[str],
         overrides.append("train.share_prompt=true")
     elif variant == "orpo-ds:dense-mask":
         overrides.append("model.attn_implementation=sdpa")
-    elif variant == "orpo-ds:zero0":
-        overrides.append("deepspeed.config=ds_configs/zero0.json")
+    elif variant == "orpo-ds:zero3":
+        make_vars = ["DS_CONFIG="]  # the config's own engine settings: ds_configs/zero3.json
     elif variant == "orpo-ds:2x1-zero3":
         # The same tokens a step: two rows of half the budget, one per rank.
         import yaml

@@ -24,6 +24,9 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.loss.beta == 0.5 and cfg.loss.nll_on_prompt is True
     assert cfg.train.adam_betas == (0.9, 0.95)
     assert cfg.train.micro_batch_tokens == 4096
+    # The later of two overrides of one key wins (`make train` puts its CPU layout before the user's).
+    cfg = load_config(path, ["deepspeed.config=ds_configs/zero0.json", "deepspeed.config=ds_configs/zero3.json"])
+    assert cfg.deepspeed.config == "ds_configs/zero3.json"
 
 
 @pytest.mark.parametrize("override, key", [

@@ -58,6 +58,27 @@ def test_make_train_runs_the_same_command():
     assert deepspeed_tail(proc) == [*TODAY, "--config", "configs/demo.yaml", "train.lr=5e-5", "train.max_steps=30"]
 
 
+def one_rank_command(proc: subprocess.CompletedProcess) -> list[str]:
+    """The printed ``python -m orpo_ds train ...`` of a one-rank dry run, less the interpreter's path."""
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    return shlex.split(line)[1:]
+
+
+@needs_make
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="the layout of a CPU-only machine")
+def test_one_cpu_rank_runs_zero0_unless_told_otherwise():
+    """ZeRO-3 in a world of one partitions nothing: `make train` on one CPU rank runs ZeRO-0; several
+    ranks keep the config's ZeRO-3, and the user's DS_CONFIG= or deepspeed.config override wins."""
+    one_rank = ["make", "-s", "-o", "assets", "train", "RANKS=1"]
+    head = ["-m", "orpo_ds", "train", "--config", "configs/demo.yaml"]
+    assert one_rank_command(run(one_rank)) == [*head, "deepspeed.config=ds_configs/zero0.json"]
+    assert one_rank_command(run([*one_rank, "DS_CONFIG="])) == head
+    mine = "deepspeed.config=ds_configs/zero3.json"  # later on the command line than the Makefile's: it wins
+    assert one_rank_command(run([*one_rank, f"OVERRIDES={mine}"]))[-1] == mine
+    assert deepspeed_tail(make_train()) == [*TODAY, "--config", "configs/demo.yaml"]
+
+
 @needs_make
 @pytest.mark.parametrize("where", ["command line", "environment"])
 def test_make_train_never_lets_a_shell_parse_config_or_overrides(tmp_path, where):
