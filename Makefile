@@ -18,8 +18,9 @@ export OMP_NUM_THREADS ?= $(shell nproc)
 RANKS ?= 1
 # One CPU rank: ZeRO-3 partitions nothing in a world of one and only adds its gathers and copies. On the
 # main job ZeRO-0 peaked at 0.73x the memory, same losses, training time within the machine's noise
-# (benchmarks/RESULTS.md, vs_trl.py's orpo-ds:zero3 row), so `make train` runs it with ds_configs/zero0.json. `make train DS_CONFIG=` keeps the config's own, and
-# a deepspeed.config in OVERRIDES wins (it comes later). Several ranks, or any GPU: the config's own.
+# (benchmarks/RESULTS.md, vs_trl.py's orpo-ds:zero3 row), so `make train` runs it with ds_configs/zero0.json.
+# `make train DS_CONFIG=` keeps the config's own, and a deepspeed.config in OVERRIDES wins (it comes
+# later). Several ranks, or any GPU: the config's own.
 ifeq ($(RANKS),1)
 DS_CONFIG ?= ds_configs/zero0.json
 endif

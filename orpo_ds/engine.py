@@ -217,11 +217,12 @@ def register_external_parameter(module: torch.nn.Module, param: torch.nn.Paramet
 def make_optimizer(module: torch.nn.Module, t: TrainConfig, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
     """AdamW (fused), DeepSpeedCPUAdam when the JSON offloads the optimizer, or SGD, over the trainable
     parameters of ``module``, from the ``train`` section."""
+    from orpo_ds.plan.memory import ZeroSetup
+
     params = [p for p in module.parameters() if p.requires_grad]
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
-    if offload not in (None, "none"):
+    if ZeroSetup.from_ds_config(ds_config).offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
@@ -272,11 +273,12 @@ class Engine:
 
     def describe(self) -> str:
         """One start-up line: the ZeRO stage, the optimizer that runs, and what is offloaded to the CPU."""
-        zero = self.ds_config.get("zero_optimization", {})
-        offloaded = [name for name in ("optimizer", "param")
-                     if zero.get(f"offload_{name}", {}).get("device", "none") not in (None, "none")]
+        from orpo_ds.plan.memory import ZeroSetup
+
+        zero = ZeroSetup.from_ds_config(self.ds_config)
+        offloaded = [name for name, on in (("optimizer", zero.offload_optimizer), ("param", zero.offload_param)) if on]
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the optimizer we built
-        return (f"ZeRO-{zero_stage(self.ds_config)}, optimizer {type(inner).__name__}, offloaded to the CPU: "
+        return (f"ZeRO-{zero.stage}, optimizer {type(inner).__name__}, offloaded to the CPU: "
                 f"{', '.join(offloaded) or 'nothing'}")
 
     def backward(self, loss: torch.Tensor) -> None:
