@@ -14,9 +14,9 @@ Layout under ``<train.output_dir>/checkpoints/``::
 A checkpoint is written under ``.tmp-step-000005`` and renamed once every rank has finished writing;
 only then does ``latest`` change (:func:`orpo_ds.safe_files.atomic_write`). A kill at any point leaves the
 previous checkpoint and pointer intact; stale ``.tmp-*`` folders are deleted by the next save. A re-save
-of a step renames the old folder aside (``.old-step-000005``) before the new one is renamed in, and a
-reader that finds only that twin uses it. Pruning never deletes the checkpoint just written, nor the one
-``latest`` names.
+of a step renames the old folder aside (``.old-step-000005.orpo-ds-<pid>-<random>``) before the new one
+is renamed in, and a reader that finds only that twin uses it. Pruning never deletes the checkpoint just
+written, nor the one ``latest`` names.
 
 The RNG files hold only tensors, numbers and strings and are read with ``torch.load(weights_only=True)``,
 so they cannot run code. DeepSpeed's own engine state (``ds/``) is still read with pickle by DeepSpeed:
@@ -46,9 +46,9 @@ from orpo_ds.config import Config, TrainConfig
 from orpo_ds.data import TokenizedPair, tokenizer_identity
 from orpo_ds.metrics import MetricsLog, read_metrics
 from orpo_ds.preemption import EXIT_INTERRUPTED, Preempted, PreemptionSignal
-from orpo_ds.safe_files import aside_path, atomic_write, replace_dir
+from orpo_ds.safe_files import CHECKPOINT_STATE_FILE, aside_paths, atomic_write, replace_dir
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = CHECKPOINT_STATE_FILE
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -153,7 +153,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     pointer = root / LATEST
     if pointer.is_file():
         name = pointer.read_text().strip()
-        for candidate in (root / name, aside_path(root / name)):  # the twin: a re-save killed mid-swap
+        for candidate in (root / name, *aside_paths(root / name)):  # the twin: a re-save killed mid-swap
             if (candidate / STATE_FILE).is_file():
                 return candidate
     complete = sorted((p for p in root.glob("step-*") if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()),

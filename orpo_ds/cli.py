@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 
 from orpo_ds.config import ConfigError, load_config
 from orpo_ds.data import DataError
@@ -32,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--micro-batch-tokens", type=int, default=8192, help="tokens per packed forward pass")
     v.add_argument("--beta", type=float, default=0.1, help="loss.beta, for the loss and reward figures")
     v.add_argument("--nll-on-prompt", action="store_true", help="count chosen prompt tokens in the NLL")
-    v.add_argument("--json", help="also write all metrics to this JSON file")
+    v.add_argument("--json", help="also write all metrics to this new JSON file")
     e = sub.add_parser("export", help="write a transformers folder from a training checkpoint")
     e.add_argument("--checkpoint", required=True, help="checkpoints/step-N folder, or a run's output_dir")
     e.add_argument("--out", required=True, help="folder to write: new, empty, or an earlier orpo-ds export "
@@ -114,15 +113,17 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from orpo_ds.evaluate import HEADLINE, evaluate_model_dir
+    from orpo_ds.safe_files import atomic_write, refuse_existing_file
 
+    if args.json:  # checked before the evaluation, which may take long
+        refuse_existing_file(args.json, "--json")
     metrics = evaluate_model_dir(args.model, args.data, max_length=args.max_length,
                                  micro_batch_tokens=args.micro_batch_tokens, beta=args.beta,
                                  nll_on_prompt=args.nll_on_prompt)
     for key, label in HEADLINE.items():
         print(f"{label:>20}: {metrics[key]:.4f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics, f, indent=2)
+        atomic_write(args.json, json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
@@ -137,13 +138,11 @@ def _plan(args: argparse.Namespace) -> int:
                          memory_gib=args.gpu_memory_gb, bandwidth_gbs=args.bandwidth_gbs)
     plan = make_plan(cfg, cluster, mfu=args.mfu, reserve_gib=args.reserve_gb)
     if args.write_ds_config:
-        from pathlib import Path
 
         from orpo_ds.engine import read_ds_config
-        from orpo_ds.safe_files import UnsafeOutputError, atomic_write
+        from orpo_ds.safe_files import atomic_write, refuse_existing_file
 
-        if Path(args.write_ds_config).exists():  # never replace a file the user has, perhaps edited
-            raise UnsafeOutputError(f"--write-ds-config: {args.write_ds_config} exists; name a new file")
+        refuse_existing_file(args.write_ds_config, "--write-ds-config")  # never replace a file the user has
         atomic_write(args.write_ds_config, json.dumps(read_ds_config(cfg.deepspeed.config), indent=2) + "\n")
     if args.json:
         print(json.dumps(plan.to_dict() | {"sbatch": sbatch_line(plan, args.config, args.overrides)}, indent=2))
@@ -155,11 +154,11 @@ def _plan(args: argparse.Namespace) -> int:
 def _import_config(args: argparse.Namespace) -> int:
     """The imported YAML on stdout or to a new ``--out`` file; each unmapped key and why on stderr."""
     from orpo_ds.importers import import_config, render
-    from orpo_ds.safe_files import UnsafeOutputError, atomic_write
+    from orpo_ds.safe_files import atomic_write, refuse_existing_file
 
     kind = args.importer.removeprefix("from-")
-    if args.out and Path(args.out).exists():  # never replace a file the user has
-        raise UnsafeOutputError(f"--out: {args.out} exists; name a new file")
+    if args.out:
+        refuse_existing_file(args.out, "--out")  # never replace a file the user has
     _, imported = import_config(kind, args.file)  # validated as train would: a bad value exits 2 here
     text = render(imported, kind, args.file)
     if args.out:

@@ -138,14 +138,19 @@ def evaluate_model_dir(model_dir: str, data: str, *, max_length: int = 1024, mic
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from orpo_ds.attention import resolve_attn_implementation
-    from orpo_ds.data import load_records, tokenize_pairs
+    from orpo_ds.data import DataError, load_records, tokenize_pairs
     from orpo_ds.model import PolicyWithChunkedHead
+    from orpo_ds.model_files import check_max_length, read_model_config
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
+    model_config = read_model_config(model_dir, "--model")
+    check_max_length(max_length, model_config, "--max-length")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pairs, report = tokenize_pairs(load_records(data), tokenizer, max_length=max_length, fmt=fmt, progress=False)
     print(f"[data] {data}: {report.summary()}")
+    if not pairs:
+        raise DataError(f"--data {data}: no usable pair to evaluate ({report.summary()})")
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16 if on_gpu else torch.float32,
         attn_implementation=resolve_attn_implementation(attn_implementation)).to(device).eval()

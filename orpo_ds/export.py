@@ -51,7 +51,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ckpt = find_checkpoint(checkpoint)
-    target = check_export_target(out_dir, protected=[ckpt, output_dir_of(ckpt)])
+    run_dir = output_dir_of(ckpt)
+    target = check_export_target(out_dir, protected=[ckpt, run_dir], suggest=run_dir.parent / f"{run_dir.name}-export")
     prefix = PolicyWithChunkedHead.STATE_PREFIX
     adapter = (ckpt / "hf" / lora_lib.ADAPTER_CONFIG).is_file()
     if merge and not adapter:

@@ -32,12 +32,16 @@ from orpo_ds.export import export_trained
 from orpo_ds.flops import peak_flops
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, build_policy
+from orpo_ds.model_files import check_max_length, read_model_config
 from orpo_ds.packing import StepPlan, layout_for, plan_run, replan_run
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics, run_line
-from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, atomic_write, check_export_target
+from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, atomic_write, check_export_target, claim_output_dir
 from orpo_ds.samples import PRINTED_CHARS, greedy_answers, sample_pairs, samples_markdown
 from orpo_ds.step import NonFiniteGuard, StepRecorder, train_step
+
+# The resolved config of the run, in its output_dir. Not config.json: that name is a model's.
+RUN_CONFIG = "orpo-ds-config.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -55,10 +59,13 @@ def raise_if_any_rank_failed(error: Exception | None, elsewhere: Exception) -> N
 
 
 def lock_output_dir(out_dir: Path, info) -> OutputDirLock:
-    """Rank 0 holds ``<output_dir>/.lock`` for the run: a second run into the same folder exits 2."""
+    """Rank 0 claims ``out_dir`` for the run (:func:`claim_output_dir`: new, empty or an earlier run's)
+    and holds ``<output_dir>/.lock``: a folder of other files, or a second run into the same folder,
+    exits 2 before any work."""
     lock, error = OutputDirLock(out_dir), None
     if info.is_main:
         try:
+            claim_output_dir(out_dir)
             lock.acquire()
         except UnsafeOutputError as exc:
             error = exc
@@ -107,8 +114,8 @@ def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: 
                        zero_stage: int) -> Path | None:
     """Decide fresh start or resume, refusing what would mix two runs, then record the config.
 
-    Returns the checkpoint to resume from (None: a fresh start). config.json is written only once the
-    resume is accepted, so a refused rerun leaves the folder as it was.
+    Returns the checkpoint to resume from (None: a fresh start). The run's config (:data:`RUN_CONFIG`) is
+    written only once the resume is accepted, so a refused rerun leaves the folder as it was.
     """
     out_dir = Path(cfg.train.output_dir)
     resume_from = ckpt_lib.resolve_resume(cfg.train.resume, out_dir, overwrite=cfg.train.overwrite)
@@ -120,7 +127,7 @@ def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: 
             if cfg.train.overwrite:
                 ckpt_lib.clear_run_state(out_dir)
             log.start_fresh()
-        (out_dir / "config.json").write_text(dump_config(cfg))
+        atomic_write(out_dir / RUN_CONFIG, dump_config(cfg))
     eng_lib.barrier()
     return resume_from
 
@@ -208,6 +215,9 @@ def start_run(cfg: Config) -> Run:
     dtype = eng_lib.resolve_dtype(t, info)
     ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), t, info.world_size, dtype)
     tracking.check_installed(cfg)
+    check_max_length(cfg.data.max_length, read_model_config(cfg.model.name_or_path,
+                                                            trust_remote_code=cfg.model.trust_remote_code),
+                     "data.max_length")
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)

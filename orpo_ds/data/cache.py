@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,8 +96,8 @@ def save_cache(path: Path, key: str, inputs: Mapping[str, Any], pairs: list[Toke
     import pyarrow as pa
 
     # A staging folder of this writer's own: several processes may write the same key at once (ranks
-    # without a shared cache folder, two jobs), and staging_dir empties the folder it names.
-    tmp = staging_dir(path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}"))
+    # without a shared cache folder, two jobs).
+    tmp = staging_dir(path)
     try:
         ids = pa.list_(pa.int32())
         table = pa.table({

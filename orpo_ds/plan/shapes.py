@@ -13,6 +13,7 @@ import torch
 
 from orpo_ds.config import ConfigError
 from orpo_ds.model import train_top_layers_only
+from orpo_ds.model_files import read_model_config
 
 # Model shapes by name, for planning a model this machine has no config of. Numbers are those of the
 # published config.json files.
@@ -93,7 +94,8 @@ class ModelShape:
 
 def load_model_config(name_or_path: str, trust_remote_code: bool = False):
     """A transformers config from a preset name (:data:`PRESETS`), a model folder or a hub name; never
-    weights. Raises ConfigError naming ``model.name_or_path`` when none of these resolves."""
+    weights. Raises ConfigError naming ``model.name_or_path`` when none of these resolves
+    (:func:`orpo_ds.model_files.read_model_config`)."""
     from transformers import AutoConfig
 
     preset = PRESETS.get(name_or_path.lower())
@@ -101,11 +103,9 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False):
         preset = dict(preset)
         return AutoConfig.for_model(preset.pop("model_type"), **preset)
     try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name_or_path: no config for {name_or_path!r} ({str(exc).splitlines()[0]}); "
-                          f"give a model folder, a reachable hub name, or one of the presets "
-                          f"{', '.join(PRESETS)}") from exc
+        return read_model_config(name_or_path, trust_remote_code=trust_remote_code)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; the planner also takes one of the presets {', '.join(PRESETS)}") from exc
 
 
 def model_shape(config, trainable_layers: int | None = None, lora=None) -> ModelShape:

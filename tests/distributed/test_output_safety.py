@@ -11,6 +11,7 @@ import sys
 
 from orpo_ds.metrics import read_metrics
 from orpo_ds.preemption import EXIT_INTERRUPTED
+from orpo_ds.train import RUN_CONFIG
 from tests.distributed.conftest import REPO, base_overrides, launch, launch_command, run_env, wait_for_logged_steps
 from tests.helpers.synthetic import write_pairs
 
@@ -42,7 +43,7 @@ def test_reruns_resume_past_a_torn_line_and_refuse_changed_data_or_a_fresh_start
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_after"]["step"] == 3 and summary["eval_before"]["step"] == 0
     assert not any("mfu" in m for m in read_metrics(out / "metrics.jsonl"))  # no peak to divide by on the CPU
-    config_before = (out / "config.json").read_text()
+    config_before = (out / RUN_CONFIG).read_text()
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     data.write_text(  # the same file, the same number of pairs, chosen <-> rejected
@@ -54,7 +55,7 @@ def test_reruns_resume_past_a_torn_line_and_refuse_changed_data_or_a_fresh_start
 
     fresh = launch(_args(tiny_model, data, out, **{"train.resume": "false", "train.lr": 5e-4}), ranks=1)
     assert fresh.returncode == 3 and "train.overwrite=true" in fresh.stderr
-    assert (out / "config.json").read_text() == config_before  # written only once a resume is accepted
+    assert (out / RUN_CONFIG).read_text() == config_before  # written only once a resume is accepted
     assert _steps(out) == [1, 2, 3]
 
     over = launch(_args(tiny_model, data, out, **{"train.resume": "false", "train.overwrite": "true",
@@ -76,7 +77,7 @@ def test_busy_output_dir_and_a_users_folder_at_final_exit_2_before_any_work(tiny
         holder.kill()
         holder.wait()
     assert busy.returncode == 2 and f"pid {holder.pid} on host" in busy.stderr
-    assert "Traceback" not in busy.stderr and not (out / "config.json").exists()
+    assert "Traceback" not in busy.stderr and not (out / RUN_CONFIG).exists()
 
     (out / "final").mkdir()
     (out / "final" / "notes.txt").write_text("mine")

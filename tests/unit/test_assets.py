@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from orpo_ds.safe_files import aside_path, staging_dir
+from orpo_ds.safe_files import staging_dir
 from orpo_ds.tools import assets as A
 
 REPO = Path(__file__).resolve().parents[2]
@@ -223,7 +223,7 @@ def test_incomplete_model_dir_is_not_trusted(paths, tmp_path):
     # a kill inside replace_dir left aside; the root's lock file and the folders themselves stay
     partial = staging_dir(tmp_path / A.MODEL_DIRNAME)
     (partial / "model.safetensors").write_bytes(b"x")
-    aside = aside_path(tmp_path / A.MODEL_DIRNAME)
+    aside = tmp_path / f".old-{A.MODEL_DIRNAME}.orpo-ds-1-0a1b2c3d"  # what replace_dir sets aside
     aside.mkdir()
     (tmp_path / ".lock").touch()
     A._clean_leftovers(tmp_path)

@@ -25,10 +25,12 @@ from orpo_ds.safe_files import (
     EXPORT_MARKER,
     OutputDirLock,
     UnsafeOutputError,
+    aside_paths,
     check_export_target,
     replace_dir,
     staging_dir,
 )
+from orpo_ds.train import RUN_CONFIG
 
 BASE = ["model.name_or_path=some/model", "data.train=pairs.jsonl"]
 REPO = Path(__file__).resolve().parents[2]
@@ -108,14 +110,16 @@ def test_replace_dir_swaps_atomically_and_keeps_the_old_one_until_the_new_is_in(
         renames.append((os.path.basename(src), os.path.basename(dst)))
         # while the new folder moves in, the old one is whole under its aside name
         if os.path.basename(src) == new.name:
-            assert (tmp_path / ".old-final" / "old").read_text() == "old"
+            (aside,) = aside_paths(target)
+            assert (aside / "old").read_text() == "old"
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", spy)
     replace_dir(new, target)
-    assert renames == [("final", ".old-final"), (".tmp-final", "final")]
+    assert [(src == "final", dst.startswith(".old-final.orpo-ds-")) for src, dst in renames[:1]] == [(True, True)]
+    assert renames[1] == (new.name, "final")
     assert (target / "new").is_file() and not (target / "old").exists()
-    assert not (tmp_path / ".old-final").exists() and not new.exists()
+    assert not aside_paths(target) and not new.exists()
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -153,9 +157,9 @@ def test_resave_of_a_step_keeps_a_complete_checkpoint_at_every_instant(tmp_path,
 
     monkeypatch.setattr(os, "rename", spy)
     ckpt.commit_save(tmp, _state(5), keep=2)
-    assert seen == [(".old-step-000005", "first")]
+    assert [(name.startswith(".old-step-000005.orpo-ds-"), payload) for name, payload in seen] == [(True, "first")]
     assert (root / "step-000005" / "payload").read_text() == "second"
-    assert not (root / ".old-step-000005").exists()
+    assert not list(root.glob(".old-*"))
 
 
 def test_fresh_start_into_a_folder_with_checkpoints_is_refused_unless_overwrite(tmp_path):
@@ -338,7 +342,7 @@ def test_deepspeed_json_is_checked_before_the_data_is_read(tmp_path):
     proc = _train_cli(tmp_path, "model.name_or_path=some/model", f"data.train={tmp_path / 'absent.jsonl'}",
                       f"deepspeed.config={bad}")
     assert proc.returncode == 2 and "'bf16' must be a section" in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "run" / "config.json").exists()
+    assert not (tmp_path / "run" / RUN_CONFIG).exists()
 
 
 def test_second_ctrl_c_stops_at_once_with_130():

@@ -1,0 +1,213 @@
+"""Nothing lost, part 3 (issue 32): files a run or an export does not own, and eval's output and input
+checks. Each test failed on the code before the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orpo_ds import checkpoint as ckpt
+from orpo_ds.safe_files import (
+    RUN_MARKER,
+    UnsafeOutputError,
+    atomic_write,
+    check_export_target,
+    claim_output_dir,
+    replace_dir,
+    staging_dir,
+)
+from tests.helpers.models import save_tiny_llama
+from tests.helpers.tokenizers import make_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "orpo_ds", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("model") / "tiny", make_tiny_tokenizer())
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------ 1. the run's own folder
+
+
+def test_a_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    before = _snapshot(model)
+    with pytest.raises(UnsafeOutputError, match="not an orpo-ds run's.*config.json"):
+        claim_output_dir(model)
+    assert _snapshot(model) == before and not (model / RUN_MARKER).exists()
+
+
+def test_new_empty_and_earlier_run_folders_are_claimed(tmp_path):
+    (tmp_path / "empty").mkdir()
+    locked_only = tmp_path / "locked"  # a refused earlier attempt leaves only its lock file
+    locked_only.mkdir()
+    (locked_only / ".lock").write_text("")
+    for folder in (tmp_path / "new" / "deeper", tmp_path / "empty", locked_only):
+        assert claim_output_dir(folder) == folder and (folder / RUN_MARKER).is_file()
+    (tmp_path / "empty" / "summary.json").write_text("{}")  # the run's own file, in a marked folder
+    claim_output_dir(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("case", ["file", "under-a-file"])
+def test_an_output_dir_that_is_or_lies_under_a_file_is_refused(tmp_path, case):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("mine")
+    with pytest.raises(UnsafeOutputError, match="is a file"):
+        claim_output_dir(blocker if case == "file" else blocker / "run")
+    assert blocker.read_text() == "mine"
+
+
+def test_an_output_dir_that_cannot_be_created_is_an_output_error(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(UnsafeOutputError, match="cannot write there.*Permission denied"):
+        claim_output_dir(tmp_path / "run")
+
+
+def test_train_into_a_model_folder_exits_2_before_any_work(tiny_model, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        (model / name).write_bytes((tiny_model / name).read_bytes())
+    before = _snapshot(model)
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    proc = _cli("train", f"model.name_or_path={model}", f"data.train={data}", f"train.output_dir={model}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "not an orpo-ds run's" in proc.stderr and "Traceback" not in proc.stderr
+    assert _snapshot(model) == before
+
+
+def test_the_runs_config_is_not_named_like_a_models():
+    from orpo_ds.train import RUN_CONFIG
+
+    assert RUN_CONFIG != "config.json" and RUN_CONFIG.startswith("orpo-ds")
+
+
+# ----------------------------------------------------------------- 2. exports and checkpoint folders
+
+
+def _step(run: Path, step: int) -> Path:
+    claim_output_dir(run)
+    d = ckpt.checkpoints_dir(run) / ckpt.step_dir_name(step)
+    d.mkdir(parents=True)
+    (d / ckpt.STATE_FILE).write_text("{}")
+    return d
+
+
+def test_export_never_suggests_and_never_accepts_a_place_inside_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    step = _step(run, 3)
+    suggestion = run.parent / "run-export"
+    with pytest.raises(UnsafeOutputError) as refused:
+        check_export_target(step, protected=[step, run], suggest=suggestion)
+    assert f"--out {suggestion}" in str(refused.value) and "checkpoints" not in str(refused.value).split("--out")[-1]
+    for inside in (step / "export", run / "checkpoints" / "export", run / "checkpoints" / ".tmp-step-000004" / "x"):
+        with pytest.raises(UnsafeOutputError, match="inside the checkpoint folder"):
+            check_export_target(inside, protected=[])
+    assert check_export_target(suggestion, protected=[step, run]) == suggestion.resolve()
+
+
+def test_export_cli_refuses_out_inside_a_checkpoint_and_suggests_outside(tmp_path):
+    run = tmp_path / "run"
+    step = _step(run, 1)
+    proc = _cli("export", "--checkpoint", run, "--out", step / "export")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "inside the checkpoint folder" in proc.stderr and f"--out {tmp_path / 'run-export'}" in proc.stderr
+    assert not (step / "export").exists()
+
+
+# ------------------------------------------------------------- 3. siblings named like a staging folder
+
+
+def test_staging_and_replacing_an_export_leave_a_users_dot_tmp_and_dot_old_folders_alone(tmp_path):
+    exports = tmp_path / "exports"
+    for name in (".tmp-victim", ".old-victim"):
+        (exports / name).mkdir(parents=True)
+        (exports / name / "thesis.tex").write_text("years of work")
+    new = staging_dir(exports / "victim")
+    (new / "model.safetensors").write_text("new")
+    replace_dir(new, exports / "victim")
+    new = staging_dir(exports / "victim")  # a second export replaces the first
+    replace_dir(new, exports / "victim")
+    for name in (".tmp-victim", ".old-victim"):
+        assert (exports / name / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in exports.iterdir()) == [".old-victim", ".tmp-victim", "victim"]
+
+
+def test_atomic_write_leaves_a_users_dot_tmp_file_alone_and_cleans_up_its_own_on_failure(tmp_path, monkeypatch):
+    (tmp_path / ".tmp-summary.json").write_text("mine")
+    atomic_write(tmp_path / "summary.json", "{}")
+    assert (tmp_path / ".tmp-summary.json").read_text() == "mine"
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(tmp_path / "summary.json", "{\"new\": 1}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-summary.json", "summary.json"]
+    assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+# ----------------------------------------------------------------------------------- 4, 8, 13, 14: eval
+
+
+def _pairs(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_json_never_replaces_a_file_and_checks_its_folder_before_evaluating(tiny_model, tmp_path):
+    data = _pairs(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    existing = tmp_path / "metrics.json"
+    existing.write_text("earlier results")
+    for target, words in ((existing, "exists"), (tmp_path, "exists"), (tmp_path / "no-dir" / "m.json", "does not")):
+        proc = _cli("eval", "--model", tiny_model, "--data", data, "--json", target)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "[data]" not in proc.stdout  # refused before the evaluation
+    assert existing.read_text() == "earlier results"
+    written = tmp_path / "new.json"
+    proc = _cli("eval", "--model", tiny_model, "--data", data, "--json", written)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rewards/accuracies" in json.loads(written.read_text())
+
+
+def test_eval_with_no_usable_pair_exits_2_naming_the_reasons(tiny_model, tmp_path):
+    data = _pairs(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "", "rejected": "c"},
+                                         {"prompt": "a", "chosen": "b"}])
+    proc = _cli("eval", "--model", tiny_model, "--data", data)
+    assert proc.returncode == 2 and "no usable pair" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "0.0000" not in proc.stdout
+
+
+def test_eval_refuses_a_missing_model_a_checkpoint_and_an_overlong_max_length(tiny_model, tmp_path):
+    data = _pairs(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    step = _step(tmp_path / "run", 2)
+    cases = [(["--model", tmp_path / "absent"], "not found"),
+             (["--model", step], "orpo-ds export --checkpoint"),
+             (["--model", tmp_path / "run"], "orpo-ds export --checkpoint"),
+             (["--model", tiny_model, "--max-length", 100_000_000], "2048 positions")]
+    for args, words in cases:
+        proc = _cli("eval", *args, "--data", data)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
