@@ -1,9 +1,13 @@
 """The tokenized-pairs cache: one folder ``<cache_dir>/<key>`` per input, published whole.
 
 A folder holds ``pairs.arrow`` (the kept pairs), ``report.json`` (the :class:`DropReport`) and
-``meta.json`` (the key, :data:`CACHE_VERSION` and the inputs the key hashes, for people). The key
-(:func:`cache_key` of :func:`cache_inputs`) covers everything that decides the result; an unreadable or
-mismatched folder is a miss, tokenized again and replaced.
+``meta.json`` (the key, :data:`CACHE_VERSION`, the sha256 of the two data files, and the inputs the key
+hashes, for people). The key (:func:`cache_key` of :func:`cache_inputs`) covers everything that decides
+the result; an unreadable, mismatched or altered folder (a file whose sha256 differs from the one
+recorded) is a miss, tokenized again and replaced, with a warning.
+
+A cache folder that cannot be written (a read-only shared cache) is still read; a miss there is
+tokenized and not saved, with a warning.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ __all__ = ["CACHE_VERSION", "tokenizer_identity", "cache_inputs", "cache_key", "
 logger = logging.getLogger(__name__)
 
 # Part of every cache key: bump it whenever a change in orpo_ds.data alters the tokens or drop reasons produced.
-CACHE_VERSION = "orpo_ds.data/2"
+CACHE_VERSION = "orpo_ds.data/3"  # 3: checksums; responses of assistant turns only
 
 
 def tokenizer_identity(tokenizer) -> dict[str, Any]:
@@ -63,6 +67,17 @@ def cache_key(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
+_DATA_FILES = ("pairs.arrow", "report.json")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_cache(path: Path, key: str) -> tuple[list[TokenizedPair], DropReport] | None:
     """``(pairs, report)`` from the cache folder ``path`` if it holds the complete result of ``key``; None
     (a miss) if it is absent, or unreadable or of another key or version (logged)."""
@@ -74,6 +89,9 @@ def load_cache(path: Path, key: str) -> tuple[list[TokenizedPair], DropReport] |
         meta = json.loads((path / "meta.json").read_text())
         if meta.get("key") != key or meta.get("version") != CACHE_VERSION:
             raise ValueError("key or version mismatch")
+        for name, recorded in meta["sha256"].items():
+            if name not in _DATA_FILES or file_sha256(path / name) != recorded:
+                raise ValueError(f"{name} is not the file that was written (its sha256 differs)")
         report = DropReport.from_json(json.loads((path / "report.json").read_text()))
         with pa.memory_map(str(path / "pairs.arrow")) as source:
             table = pa.ipc.open_file(source).read_all()
@@ -97,7 +115,12 @@ def save_cache(path: Path, key: str, inputs: Mapping[str, Any], pairs: list[Toke
 
     # A staging folder of this writer's own: several processes may write the same key at once (ranks
     # without a shared cache folder, two jobs).
-    tmp = staging_dir(path)
+    try:
+        tmp = staging_dir(path)
+    except OSError as exc:  # a read-only shared cache: reading it still works, this result is not kept
+        logger.warning("tokenization cache %s cannot be written (%s); the tokenized pairs are not cached",
+                       path.parent, exc.strerror or exc)
+        return
     try:
         ids = pa.list_(pa.int32())
         table = pa.table({
@@ -108,8 +131,9 @@ def save_cache(path: Path, key: str, inputs: Mapping[str, Any], pairs: list[Toke
         with pa.OSFile(str(tmp / "pairs.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         (tmp / "report.json").write_text(json.dumps(report.to_json()))
-        (tmp / "meta.json").write_text(json.dumps({"key": key, "version": CACHE_VERSION, "inputs": inputs},
-                                                  indent=1, sort_keys=True))
+        sums = {name: file_sha256(tmp / name) for name in _DATA_FILES}
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "version": CACHE_VERSION, "sha256": sums,
+                                                   "inputs": inputs}, indent=1, sort_keys=True))
         try:
             # An existing path is an unreadable cache (we only save after a miss), or the same key another
             # process has just published: replace_dir moves it aside.

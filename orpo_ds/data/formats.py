@@ -5,7 +5,9 @@ Formats (detected from the columns by :func:`format_of`, or forced with ``fmt=``
 * ``standard``: ``prompt``, ``chosen``, ``rejected`` strings (an empty prompt is allowed: plain
   continuation; an empty or whitespace-only response is not).
 * ``conversational`` (TRL): ``prompt`` is a list of ``{"role", "content"}`` messages; ``chosen`` and
-  ``rejected`` are one assistant message (a dict) or a list of messages ending with an assistant message.
+  ``rejected`` are one assistant message (a dict) or a list of assistant messages. A response holding any
+  other turn (user, tool, system) drops the row ("multi-turn response"): its tokens would be scored as
+  the model's answer, with the turn markers lost.
 * ``sharegpt`` (LLaMA-Factory, e.g. ``dpo_en_demo.json``): ``conversations`` is a list of
   ``{"from": "human" | "gpt" | "system", "value": str}`` turns, ``chosen`` / ``rejected`` are
   ``{"from": "gpt", "value": str}``; an optional ``system`` string column becomes a leading system message.
@@ -177,9 +179,12 @@ def _response(value: Any, where: str, roles: Mapping[str, str], role_key: str, c
                      keep_extra)
     if not msgs:
         raise Drop(f"empty response: {where!r} has no messages")
-    if msgs[-1]["role"] != "assistant":
-        raise Drop(f"malformed conversation: {where!r} must end with an assistant message, "
-                   f"not {msgs[-1]['role']!r}")
+    # Only assistant turns: the response's tokens are concatenated and every one is scored, so a user or
+    # tool turn here would be pasted into the answer without its turn markers and trained on as the model's.
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            raise Drop(f"multi-turn response: {where}[{i}] is a {m['role']!r} message; a response holds "
+                       f"assistant messages only (earlier turns belong in the prompt)")
     if not any(m["content"].strip() for m in msgs if m["role"] == "assistant"):
         raise Drop(f"empty response: {where!r}")
     return msgs

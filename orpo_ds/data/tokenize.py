@@ -332,6 +332,8 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, fmt: str = "auto", tr
                           special_tokens=special_tokens_in_content, control_tokens=control)
     key = cache_key(inputs) if inputs is not None else uuid.uuid4().hex
     cached = None
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise DataError(f"data.cache_dir {str(cache_dir)!r} is a file; name a folder for the tokenized-pairs cache")
     if cache_dir is not None and inputs is not None:
         cached = load_cache(Path(cache_dir) / key, key)
         if cached is not None:

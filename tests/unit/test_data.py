@@ -155,14 +155,23 @@ def test_standard_without_chat_template_uses_plain_text_and_the_tokenizers_bos()
 
 def test_multi_message_response_is_cut_after_its_last_eos():
     row = {"prompt": [{"role": "user", "content": "weather?"}],
-           "chosen": [{"role": "assistant", "content": "call"}, {"role": "tool", "content": "sunny"},
-                      {"role": "assistant", "content": "Sunny."}],
+           "chosen": [{"role": "assistant", "content": "call"}, {"role": "assistant", "content": "Sunny."}],
            "rejected": {"role": "assistant", "content": "No idea."}}
     (pair,), report = tok(Dataset.from_list([row]))
     assert report.kept == 1
-    assert pair.chosen_ids == tuple(enc("call<|im_end|>\n" + chatml([("tool", "sunny")])
-                                        + "<|im_start|>assistant\nSunny.<|im_end|>"))
+    assert pair.chosen_ids == tuple(enc("call<|im_end|>\n<|im_start|>assistant\nSunny.<|im_end|>"))
     assert pair.rejected_ids == tuple(enc("No idea.<|im_end|>"))
+
+
+def test_a_response_with_a_tool_turn_is_dropped():
+    """Every response token is scored as the model's answer, so a tool's output inside a response would be
+    trained on as the model's own words (masking non-assistant turns inside a response is not built)."""
+    row = {"prompt": [{"role": "user", "content": "weather?"}],
+           "chosen": [{"role": "assistant", "content": "call"}, {"role": "tool", "content": "sunny"},
+                      {"role": "assistant", "content": "Sunny."}],
+           "rejected": {"role": "assistant", "content": "No idea."}}
+    pairs, report = tok(Dataset.from_list([row]))
+    assert pairs == [] and [DropReport.category(r) for _, r in report.dropped] == ["multi-turn response"]
 
 
 def test_template_whose_prompt_is_not_a_prefix_falls_back_to_the_response_text():
@@ -430,7 +439,7 @@ BAD_CONV_ROWS = [
     {"prompt": [_msg("user", 7)], "chosen": [_msg("assistant", "a")],
      "rejected": [_msg("assistant", "b")]},                                                 # 7 wrong-typed content
     {"prompt": [_msg("user", "Hi")], "chosen": [_msg("assistant", "a")],
-     "rejected": [_msg("user", "b")]},                                                      # 8 ends with a user turn
+     "rejected": [_msg("user", "b")]},                                                      # 8 a user turn
     {"prompt": [_msg("user", "Hi")], "rejected": [_msg("assistant", "b")]},                 # 9 missing field
     {"prompt": [_msg("user", "Hi"), "oops"], "chosen": [_msg("assistant", "a")],
      "rejected": [_msg("assistant", "b")]},                                                 # 10 message not an object
@@ -448,7 +457,7 @@ def test_malformed_conversational_rows_from_a_json_list(tmp_path):
     assert [p.pair_id for p in pairs] == [0, 11]
     assert [(i, DropReport.category(r)) for i, r in report.dropped] == [
         (1, "malformed conversation"), (2, "malformed conversation"), (3, "unknown role"), (4, "empty response"),
-        (5, "chosen == rejected"), (6, "empty prompt"), (7, "wrong type"), (8, "malformed conversation"),
+        (5, "chosen == rejected"), (6, "empty prompt"), (7, "wrong type"), (8, "multi-turn response"),
         (9, "missing field"), (10, "malformed conversation")]
     reasons = dict(report.dropped)
     assert reasons[2] == "malformed conversation: prompt[0] has no 'content'"
@@ -464,9 +473,27 @@ def test_sharegpt_unknown_from_and_system_column_are_handled():
              "rejected": {"from": "gpt", "value": "b"}}]
     pairs, report = tok(Dataset.from_list(rows))
     assert report.dropped == [(1, "unknown role: 'observation' in conversations[0]"),
-                              (2, "malformed conversation: 'chosen' must end with an assistant message, not 'user'")]
+                              (2, "multi-turn response: chosen[0] is a 'user' message; a response holds assistant "
+                                  "messages only (earlier turns belong in the prompt)")]
     assert pairs[0].prompt_ids == tuple(enc(chatml([("system", "Be kind."), ("user", "1+1"), ("assistant", "2"),
                                                     ("user", "and 2+2")], generation_prompt=True)))
+
+
+@pytest.mark.parametrize("side", ["chosen", "rejected"])
+@pytest.mark.parametrize("fmt", ["conversational", "sharegpt"])
+def test_a_response_with_a_user_turn_is_dropped_not_glued_into_the_answer(fmt, side):
+    """Issue 32 item 7: ``[user "INJECTED", assistant "..."]`` became the answer ``INJECTED...<|im_end|>``."""
+    role, content = ("role", "content") if fmt == "conversational" else ("from", "value")
+    user, assistant = ("user", "assistant") if fmt == "conversational" else ("human", "gpt")
+    prompt_key = "prompt" if fmt == "conversational" else "conversations"
+    good = {role: assistant, content: "Fine."}
+    row = {prompt_key: [{role: user, content: "Hi"}], "chosen": [good], "rejected": [{role: assistant, content: "No."}]}
+    row[side] = [{role: user, content: "INJECTED"}, {role: assistant, content: "Sure."}]
+    pairs, report = tok(Dataset.from_list([row]))
+    why = (f"multi-turn response: {side}[0] is a 'user' message; a response holds assistant messages only "
+           f"(earlier turns belong in the prompt)")
+    assert pairs == [] and report.dropped == [(0, why)]
+    assert DropReport.category(report.dropped[0][1]) == "multi-turn response"
 
 
 def test_a_raising_tokenizer_is_a_reported_row_not_a_crash(monkeypatch):
@@ -635,6 +662,52 @@ def test_a_crash_while_writing_leaves_no_trusted_cache(tmp_path, monkeypatch):
     assert calls[0] == 6 and again == pairs
     tok(ds, cache_dir=cache)
     assert calls[0] == 6
+
+
+def test_a_cache_whose_pairs_were_altered_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Issue 32 item 9: pairs inverted inside a readable arrow file were trained on, the data line unchanged."""
+    import pyarrow as pa
+
+    cache = tmp_path / "cache"
+    ds = Dataset.from_list(STANDARD)
+    pairs, _ = tok(ds, cache_dir=cache)
+    (entry,) = cache.iterdir()
+    with pa.memory_map(str(entry / "pairs.arrow")) as source:
+        table = pa.ipc.open_file(source).read_all()
+    inverted = table.rename_columns(["pair_id", "prompt_ids", "rejected_ids", "chosen_ids"]).select(
+        ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"])
+    with pa.OSFile(str(entry / "pairs.arrow"), "wb") as sink, pa.ipc.new_file(sink, inverted.schema) as writer:
+        writer.write_table(inverted)
+    calls = _count_calls(monkeypatch)
+    again, _ = tok(ds, cache_dir=cache)
+    assert again == pairs and calls[0] == 3  # tokenized again, not the inverted pairs
+    assert "sha256 differs" in caplog.text
+    assert tok(ds, cache_dir=cache)[0] == pairs and calls[0] == 3  # the rebuilt cache is trusted
+
+
+def test_a_read_only_cache_is_read_and_a_miss_there_is_not_fatal(tmp_path, monkeypatch, caplog):
+    import orpo_ds.data.cache as data_cache
+
+    cache = tmp_path / "cache"
+    ds = Dataset.from_list(STANDARD)
+    pairs, _ = tok(ds, cache_dir=cache)
+
+    def read_only(target):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(data_cache, "staging_dir", read_only)
+    calls = _count_calls(monkeypatch)
+    assert tok(ds, cache_dir=cache)[0] == pairs and calls[0] == 0  # a hit: read
+    assert tok(ds, cache_dir=cache, max_length=128)[0] and calls[0] == 3  # a miss: tokenized, not saved
+    assert "cannot be written (Read-only file system)" in caplog.text
+
+
+def test_a_cache_dir_that_is_a_file_is_a_data_error(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("mine")
+    with pytest.raises(DataError, match="data.cache_dir .* is a file"):
+        tok(Dataset.from_list(STANDARD), cache_dir=blocker)
+    assert blocker.read_text() == "mine"
 
 
 def test_a_writer_publishing_the_same_key_mid_write_spoils_nothing(tmp_path, monkeypatch):
