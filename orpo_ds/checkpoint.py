@@ -82,6 +82,10 @@ class TrainerState:
     # in checkpoints written before they were recorded.
     compare_before: dict[str, Any] | None = None
     compare_after: dict[str, Any] | None = None
+    # The engine state's shape: the ZeRO stage of its partitions and the model it was trained from
+    # (orpo_ds.model_files.model_fingerprint); None in checkpoints written before they were recorded.
+    zero_stage: int | None = None
+    model_fingerprint: str | None = None
 
 
 def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
@@ -94,14 +98,16 @@ def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
     return h.hexdigest()
 
 
-def run_identity(cfg: Config, world_size: int, pairs: list[TokenizedPair], tokenizer) -> TrainerState:
+def run_identity(cfg: Config, world_size: int, pairs: list[TokenizedPair], tokenizer, *, zero_stage: int,
+                 model_fingerprint: str) -> TrainerState:
     """What a checkpoint of this run records about it (at step 0): a resume must match it."""
     t = cfg.train
     return TrainerState(step=0, epoch=0, world_size=world_size, grad_accum=t.grad_accum,
                         micro_batch_tokens=t.micro_batch_tokens, seed=t.seed, num_pairs=len(pairs),
                         model=cfg.model.name_or_path, config=cfg.to_dict(), data_fingerprint=pairs_fingerprint(pairs),
                         max_length=cfg.data.max_length, truncation=cfg.data.truncation,
-                        tokenizer_sha256=tokenizer_identity(tokenizer)["state_sha256"])
+                        tokenizer_sha256=tokenizer_identity(tokenizer)["state_sha256"], zero_stage=zero_stage,
+                        model_fingerprint=model_fingerprint)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -235,8 +241,22 @@ def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path, *, worl
                         f"in a row, and so which pairs each step holds, depends on it)")
     if state.num_pairs != new.num_pairs:
         problems.append(f"training pairs {state.num_pairs} -> {new.num_pairs} (different data)")
-    if state.model != new.model:
+    if state.model_fingerprint is not None:
+        if state.model_fingerprint != new.model_fingerprint:
+            problems.append(f"the model at model.name_or_path ({new.model!r}) is not the one the checkpoint was "
+                            f"trained from ({state.model!r}): its config or weights differ")
+    elif os.path.normpath(state.model) != os.path.normpath(new.model):
         problems.append(f"model.name_or_path {state.model!r} -> {new.model!r}")
+    if state.zero_stage is not None and state.zero_stage != new.zero_stage:
+        problems.append(f"ZeRO stage {state.zero_stage} -> {new.zero_stage} (the checkpoint's partitions are "
+                        f"ZeRO-{state.zero_stage}'s; resume with its DeepSpeed config, or export the checkpoint "
+                        f"and start a new run from the exported model)")
+    for section, key, why in (("train", "optimizer", "the checkpoint holds that optimizer's state"),
+                              ("model", "trainable_layers", "the optimizer state covers those layers only")):
+        old_value, new_value = (run.config.get(section, {}).get(key) for run in (state, new))
+        if old_value != new_value:
+            problems.append(f"{section}.{key} {old_value!r} -> {new_value!r} ({why}; restore {section}.{key}="
+                            f"{old_value}, or export the checkpoint and start a new run from it)")
     for key in ("max_length", "truncation"):  # None: a checkpoint from before these were recorded
         if getattr(state, key) is not None and getattr(state, key) != getattr(new, key):
             problems.append(f"data.{key} {getattr(state, key)!r} -> {getattr(new, key)!r} (it changes the "
@@ -248,6 +268,19 @@ def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path, *, worl
     if problems:
         raise ResumeError(f"cannot resume from {ckpt}: " + "; ".join(problems) +
                           ". Set train.resume=false to start fresh, or restore the old settings.")
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
+    """``{"train.lr": [old, new], ...}``: the dotted keys whose values differ between two resolved configs
+    (as :meth:`Config.to_dict` gives them), compared as JSON, the form a checkpoint stores."""
+    changes: dict[str, list[Any]] = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = json.loads(json.dumps(old.get(key))), json.loads(json.dumps(new.get(key)))
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes[f"{prefix}{key}"] = [a, b]
+    return changes
 
 
 def universal_copy(ckpt: Path) -> Path:
@@ -396,6 +429,13 @@ class CheckpointSaver:
         log.truncate_after(saved.step)
         if self.info.is_main:
             print(f"[checkpoint] resumed from {ckpt} at step {saved.step}", flush=True)
+        changes = config_changes(saved.config, identity.config)
+        if changes:  # they run from the next step on (the schedule too: Engine.load adopts it)
+            if self.info.is_main:
+                shown = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+                print(f"[checkpoint] settings changed since the checkpoint, applied from step {saved.step + 1}: "
+                      f"{shown}", flush=True)
+            log.write({"step": saved.step, "resumed_with_changes": changes})
         evals = {"eval_before": saved.eval_before, "eval_after": saved.eval_after}
         if not _records_evals(ckpt):  # written before the state held them: they are in the step log
             evals = logged_evals(self.out_dir / "metrics.jsonl", saved.step)

@@ -250,6 +250,29 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def adopt_schedule(schedule: torch.optim.lr_scheduler.LambdaLR, t: TrainConfig) -> None:
+    """After a checkpoint's optimizer and schedule states were loaded into ``schedule``'s optimizer: run
+    this run's ``train`` settings from the loaded step on.
+
+    The loaded states carry the old run's base rate, weight decay and betas, and the old run's last rate
+    (0 at the end of a finished run), which the next update would use. The schedule's factor function is
+    this run's own (a LambdaLR saves no function), so the rate at step ``s`` becomes
+    ``t.lr * factor(s)`` of this run's schedule: a changed ``train.lr`` applies from the next update, and
+    a run extended past its old end continues on the schedule of its new length.
+    """
+    groups = schedule.optimizer.param_groups
+    for group in groups:
+        group.update(initial_lr=t.lr, weight_decay=t.weight_decay)
+        if "betas" in group:
+            group["betas"] = tuple(t.adam_betas)
+    schedule.base_lrs = [t.lr] * len(groups)
+    rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas,
+                                                                        strict=True)]
+    for group, rate in zip(groups, rates, strict=True):
+        group["lr"] = rate
+    schedule._last_lr = rates
+
+
 class Engine:
     """A thin facade over ``deepspeed.DeepSpeedEngine``: forward, backward, step, and what we read back."""
 
@@ -258,7 +281,7 @@ class Engine:
 
         optimizer = make_optimizer(module, t, ds_config)
         schedule = make_lr_schedule(optimizer, t, total_steps)
-        self.ds_config = ds_config
+        self.ds_config, self.train_config = ds_config, t
         self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         self.module = self.engine.module
@@ -366,6 +389,7 @@ class Engine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+        adopt_schedule(self.lr_schedule, self.train_config)
 
     def close(self) -> None:
         """Release DeepSpeed's hooks and buffers while the process group still exists (its destructor

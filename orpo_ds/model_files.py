@@ -4,6 +4,7 @@ the sequence length it allows."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -62,3 +63,30 @@ def check_max_length(max_length: int, model_config, key: str) -> None:
     if positions is not None and max_length > positions:
         raise ConfigError(f"{key}: {max_length} is above the model's {positions} positions "
                           f"(max_position_embeddings); use at most {positions}")
+
+
+_SAMPLED_BYTES = 1 << 20  # of each weights file, from its start and its end: headers, shapes and some values
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """What identifies the model a run starts from, so a resume can tell a replaced folder from the same
+    one under another spelling (a trailing ``/``): sha256 of its config.json (without the path it was
+    loaded from) and of each weights file's name, size and first and last MiB. A hub name is its own
+    fingerprint."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return f"name:{name_or_path}"
+    h = hashlib.sha256()
+    config_file = path / ("config.json" if (path / "config.json").is_file() else ADAPTER_CONFIG)
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config.pop("_name_or_path", None)
+        h.update(json.dumps(config, sort_keys=True).encode())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        size = weights.stat().st_size
+        h.update(f"{weights.name}:{size}".encode())
+        with open(weights, "rb") as f:
+            h.update(f.read(_SAMPLED_BYTES))
+            f.seek(max(0, size - _SAMPLED_BYTES))
+            h.update(f.read(_SAMPLED_BYTES))
+    return h.hexdigest()

@@ -32,7 +32,7 @@ from orpo_ds.export import export_trained
 from orpo_ds.flops import peak_flops
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, build_policy
-from orpo_ds.model_files import check_max_length, read_model_config
+from orpo_ds.model_files import check_max_length, model_fingerprint, read_model_config
 from orpo_ds.packing import StepPlan, layout_for, plan_run, replan_run
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics, run_line
@@ -225,7 +225,9 @@ def start_run(cfg: Config) -> Run:
     layout = layout_for(t.share_prompt)
     steps = plan_run(train_pairs, t.micro_batch_tokens, info.world_size, t.grad_accum, seed=t.seed, epochs=t.epochs,
                      max_steps=t.max_steps, layout=layout)
-    identity = ckpt_lib.run_identity(cfg, info.world_size, train_pairs, tokenizer)
+    identity = ckpt_lib.run_identity(cfg, info.world_size, train_pairs, tokenizer,
+                                     zero_stage=eng_lib.zero_stage(ds_config),
+                                     model_fingerprint=model_fingerprint(cfg.model.name_or_path))
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
     resume_from = prepare_output_dir(cfg, info, identity, log, eng_lib.zero_stage(ds_config))
     saved = ckpt_lib.read_state(resume_from) if resume_from else None

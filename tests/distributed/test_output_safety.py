@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from orpo_ds.metrics import read_metrics
 from orpo_ds.preemption import EXIT_INTERRUPTED
 from orpo_ds.train import RUN_CONFIG
@@ -103,3 +105,24 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_model, synthetic_data
     stopped_at = max(_steps(out))
     assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped_at:06d}"
     assert f"interrupted: checkpoint saved at step {stopped_at}" in stderr
+
+
+def test_a_resume_with_a_new_lr_and_more_steps_runs_them_and_marks_the_log(tiny_model, synthetic_data, tmp_path):
+    """Issue 32 items 5 and 6: the new lr was ignored (steps bit-identical to the old schedule), and a run
+    extended past its end trained its first new step at lr 0. Each new step's rate is the new config's
+    linear schedule at that step: lr * (1 - (step - 1) / max_steps)."""
+    out = tmp_path / "run"
+    first = _args(tiny_model, synthetic_data["train"], out, **{"train.max_steps": 3, "train.lr_schedule": "linear"})
+    assert launch(first, ranks=1).returncode == 0
+    again = _args(tiny_model, synthetic_data["train"], out, **{"train.max_steps": 5, "train.lr_schedule": "linear",
+                                                               "train.lr": 1e-2})
+    resumed = launch(again, ranks=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "settings changed since the checkpoint, applied from step 4" in resumed.stdout
+    records = read_metrics(out / "metrics.jsonl")
+    rates = {r["step"]: r["lr"] for r in records if "loss" in r}
+    assert rates[4] == pytest.approx(1e-2 * (1 - 3 / 5)) and rates[5] == pytest.approx(1e-2 * (1 - 4 / 5))
+    (marker,) = [r for r in records if "resumed_with_changes" in r]
+    assert marker["step"] == 3 and marker["resumed_with_changes"] == {"train.lr": [1e-3, 1e-2],
+                                                                      "train.max_steps": [3, 5]}
+    assert json.loads((out / RUN_CONFIG).read_text())["train"]["lr"] == 1e-2
