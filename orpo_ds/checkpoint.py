@@ -208,7 +208,47 @@ def clear_run_state(output_dir: str | Path) -> None:
 
 
 def read_state(ckpt: Path) -> TrainerState:
-    return TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
+    """The checkpoint's :class:`TrainerState`; a torn, empty or foreign file is a :class:`ResumeError`
+    naming it."""
+    path = ckpt / STATE_FILE
+    try:
+        fields = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(TrainerState)}
+        if not isinstance(fields, dict) or set(fields) - known:
+            extra = sorted(set(fields) - known) if isinstance(fields, dict) else []
+            raise ValueError(f"unknown fields {extra}" if extra else "not a JSON object")
+        return TrainerState(**fields)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ResumeError(f"{path}: not a readable orpo-ds trainer state ({type(exc).__name__}: {exc}); the "
+                          f"checkpoint is damaged. Resume from an earlier one (train.resume=<its folder>) or "
+                          f"start fresh (train.resume=false)") from exc
+
+
+MANIFEST = "files.json"  # every file of the checkpoint and its size, written when it is committed
+
+
+def write_manifest(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps(files, indent=1))
+
+
+def verify_files(ckpt: Path) -> None:
+    """Every file the checkpoint held when it was committed is there, with its size; a
+    :class:`ResumeError` naming the first that is not. Checkpoints without a manifest are not checked."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        files = json.loads(manifest.read_text())
+    except ValueError as exc:
+        raise ResumeError(f"{manifest}: damaged ({exc}); the checkpoint cannot be checked") from exc
+    for name, size in files.items():
+        path = ckpt / name
+        found = path.stat().st_size if path.is_file() else None
+        if found != size:
+            what = "is missing" if found is None else f"holds {found} bytes, not the {size} written"
+            raise ResumeError(f"{ckpt}: {name} {what}; the checkpoint is incomplete or damaged. Use an earlier "
+                              f"one (train.resume=<its folder>, or orpo-ds export --checkpoint <its folder>)")
 
 
 def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path, *, world_size_change: str = "refuse",
@@ -341,6 +381,7 @@ def commit_save(tmp: Path, state: TrainerState, keep: int, hf_files_from=None) -
     (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2, default=str))
     if hf_files_from is not None:
         hf_files_from(tmp / "hf")
+    write_manifest(tmp)
     fault_point("kill_before_commit", state.step)
     root = tmp.parent
     final = root / step_dir_name(state.step)

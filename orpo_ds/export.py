@@ -9,7 +9,7 @@ import torch
 
 from orpo_ds import engine as eng_lib
 from orpo_ds import lora as lora_lib
-from orpo_ds.checkpoint import find_checkpoint, output_dir_of, read_state
+from orpo_ds.checkpoint import ResumeError, find_checkpoint, output_dir_of, read_state, verify_files
 from orpo_ds.config import ConfigError
 from orpo_ds.model import PolicyWithChunkedHead
 from orpo_ds.safe_files import check_export_target, mark_export, replace_dir, staging_dir
@@ -34,6 +34,20 @@ def export_trained(engine, policy: PolicyWithChunkedHead, tokenizer, out_dir: Pa
     return out_dir
 
 
+def parse_shard_size(text: str) -> int:
+    """``--max-shard-size`` as transformers reads it (``5GB``, ``500MB``, ``2GiB``, or bytes); a
+    :class:`ConfigError` before any work for anything else."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(text)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB") from exc
+    if size <= 0:
+        raise ConfigError(f"--max-shard-size {text!r}: must be above 0")
+    return size
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_size: str = "5GB",
                       dtype: torch.dtype | None = None, merge: bool = False) -> Path:
     """Consolidate the ZeRO shards of ``checkpoint`` on the CPU and write safetensors (sharded above
@@ -51,6 +65,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ckpt = find_checkpoint(checkpoint)
+    verify_files(ckpt)
+    max_shard_bytes = parse_shard_size(max_shard_size)
     run_dir = output_dir_of(ckpt)
     target = check_export_target(out_dir, protected=[ckpt, run_dir], suggest=run_dir.parent / f"{run_dir.name}-export")
     prefix = PolicyWithChunkedHead.STATE_PREFIX
@@ -58,8 +74,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_
     if merge and not adapter:
         raise ConfigError(f"--merge: {ckpt} trained the model's weights, not LoRA adapters; export it "
                                  f"without --merge")
-    state = {k[len(prefix):] if k.startswith(prefix) else k: v
-             for k, v in eng_lib.consolidate_zero_checkpoint(ckpt / "ds").items()}
+    try:
+        consolidated = eng_lib.consolidate_zero_checkpoint(ckpt / "ds")
+    except Exception as exc:  # torch.load and DeepSpeed's readers raise many kinds on bad files
+        raise ResumeError(f"{ckpt}: its engine state cannot be read ({type(exc).__name__}: {exc}); the checkpoint "
+                          f"is damaged. Export an earlier one") from exc
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in consolidated.items()}
     config = AutoConfig.from_pretrained(ckpt / "hf")
     if adapter:
         lora = read_state(ckpt).config["model"]["lora"]
@@ -78,7 +98,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, max_shard_
     if lora_lib.is_lora(model):  # the adapter folder (with the head's weight where it was trained)
         model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=lora_lib.trains_head(model))
     else:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        model.save_pretrained(tmp, max_shard_size=max_shard_bytes, safe_serialization=True)
     AutoTokenizer.from_pretrained(ckpt / "hf").save_pretrained(tmp)
     mark_export(tmp)
     return replace_dir(tmp, target)

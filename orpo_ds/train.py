@@ -122,6 +122,7 @@ def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: 
     if resume_from is not None:
         ckpt_lib.check_compatible(ckpt_lib.read_state(resume_from), identity, resume_from,
                                   world_size_change=cfg.train.resume_world_size_change, zero_stage=zero_stage)
+        ckpt_lib.verify_files(resume_from)
     if info.is_main:
         if resume_from is None:
             if cfg.train.overwrite:

@@ -111,3 +111,58 @@ def test_the_model_is_compared_by_content_not_by_its_path(tmp_path):
     shutil.rmtree(model)
     save_tiny_llama(model, tokenizer, seed=1)  # same shapes, other weights
     assert model_fingerprint(str(model)) != before
+
+
+# ------------------------------------------------------------------ damaged checkpoints: clear errors
+
+
+def _checkpoint(root, step=2):
+    from orpo_ds.safe_files import claim_output_dir
+
+    claim_output_dir(root)
+    tmp = ckpt.begin_save(root, step)
+    (tmp / "ds" / "state").mkdir(parents=True)
+    (tmp / "ds" / "state" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    return ckpt.commit_save(tmp, _state(step=step), keep=2)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "JSONDecodeError"), ('{"step": 3, "epo', "JSONDecodeError"), ("[1, 2]", "not a JSON object"),
+    ('{"step": 3, "extra": 1}', "unknown fields")])
+def test_a_torn_empty_or_foreign_trainer_state_is_a_resume_error_naming_it(tmp_path, text, words):
+    found = _checkpoint(tmp_path / "run")
+    (found / ckpt.STATE_FILE).write_text(text)
+    with pytest.raises(ckpt.ResumeError, match=f"{ckpt.STATE_FILE}.*{words}"):
+        ckpt.read_state(found)
+
+
+def test_a_missing_or_truncated_shard_is_a_resume_error_naming_it(tmp_path):
+    found = _checkpoint(tmp_path / "run")
+    ckpt.verify_files(found)
+    shard = found / "ds" / "state" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    shard.write_bytes(b"x" * 10)
+    with pytest.raises(ckpt.ResumeError, match="model_states.pt holds 10 bytes, not the 100 written"):
+        ckpt.verify_files(found)
+    shard.unlink()
+    with pytest.raises(ckpt.ResumeError, match="model_states.pt is missing"):
+        ckpt.verify_files(found)
+
+
+def test_export_refuses_a_bad_shard_size_and_a_damaged_checkpoint_before_any_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    found = _checkpoint(tmp_path / "run")
+
+    def export(*extra):
+        return subprocess.run([sys.executable, "-m", "orpo_ds", "export", "--checkpoint", str(found), "--out",
+                               str(tmp_path / "out"), *extra], capture_output=True, text=True,
+                              env={**os.environ, "DS_ACCELERATOR": "cpu"})
+
+    lots = export("--max-shard-size", "lots")
+    assert lots.returncode == 2 and "--max-shard-size 'lots'" in lots.stderr and "Traceback" not in lots.stderr
+    (found / "ds" / "state" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    missing = export()
+    assert missing.returncode == 3 and "model_states.pt is missing" in missing.stderr, missing.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no export, no staging folder
