@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from orpo_ds.config import ConfigError
+
 SEGMENTED_SDPA = "segmented_sdpa"
 # Backends that take a packed row's boundaries as flash-attn varlen arguments.
 VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
@@ -66,6 +68,12 @@ def resolve_attn_implementation(requested: str, *, share_prompt: bool = False) -
     """``auto`` -> flash_attention_2 where flash-attn and CUDA exist, else :data:`SEGMENTED_SDPA`; always
     :data:`SEGMENTED_SDPA` with a shared prompt (the only backend here that lets a response attend to a
     prompt outside its own slice of the row)."""
+    if requested == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None
+                                             or not torch.cuda.is_available()):
+        why = "the flash-attn package is not installed" if importlib.util.find_spec("flash_attn") is None else \
+            "there is no CUDA device"
+        raise ConfigError(f"model.attn_implementation=flash_attention_2: {why} (flash-attn builds and runs with "
+                          f"CUDA only: pip install 'orpo-ds[flash]'); use auto, {SEGMENTED_SDPA} or sdpa")
     if requested != "auto":
         return requested
     if not share_prompt and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:

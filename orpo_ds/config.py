@@ -177,6 +177,7 @@ class TrainConfig:
     def __post_init__(self):
         _require(bool(self.output_dir.strip()), "train.output_dir", "is empty; name a folder for this run, "
                  "e.g. train.output_dir=runs/my-run")
+        _require(0 <= self.seed < 2**32, "train.seed", f"must be in 0 .. 2**32 - 1 (numpy's range), got {self.seed}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule",

@@ -180,6 +180,21 @@ def read_ds_config(path: str) -> dict[str, Any]:
     return ds
 
 
+def validate_ds_config(ds_config: dict[str, Any]) -> None:
+    """DeepSpeed's own validation of the engine settings, run at start-up (after the process group
+    exists, which it reads the world size from): a value of the wrong type is a ConfigError naming its
+    key, before any data or model is loaded, not a traceback from ``deepspeed.initialize``."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedConfig(ds_config)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                             for e in exc.errors())
+        raise ConfigError(f"deepspeed.config: {exc.title}: {problems}") from exc
+
+
 def zero_stage(ds_config: dict[str, Any]) -> int:
     """The ZeRO stage (0 when absent); ConfigError for anything but a mapping with a stage of 0-3."""
     zero = ds_config.get("zero_optimization", {})

@@ -23,6 +23,7 @@ import torch
 from orpo_ds import checkpoint as ckpt_lib
 from orpo_ds import engine as eng_lib
 from orpo_ds import tracking
+from orpo_ds.attention import resolve_attn_implementation
 from orpo_ds.batch import MicroBatch, micro_batches
 from orpo_ds.compare import compare_snapshots, comparison_report, seen_sample
 from orpo_ds.config import Config, ConfigError, dump_config
@@ -215,10 +216,12 @@ def start_run(cfg: Config) -> Run:
         check_export_target(out_dir / "final", protected=[])
     dtype = eng_lib.resolve_dtype(t, info)
     ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), t, info.world_size, dtype)
+    eng_lib.validate_ds_config(ds_config)
     tracking.check_installed(cfg)
     check_max_length(cfg.data.max_length, read_model_config(cfg.model.name_or_path,
                                                             trust_remote_code=cfg.model.trust_remote_code),
                      "data.max_length")
+    resolve_attn_implementation(cfg.model.attn_implementation, share_prompt=t.share_prompt)  # refuse early
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)

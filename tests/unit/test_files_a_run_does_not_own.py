@@ -3,6 +3,7 @@ checks. Each test failed on the code before the fix."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -210,4 +211,37 @@ def test_eval_refuses_a_missing_model_a_checkpoint_and_an_overlong_max_length(ti
              (["--model", tiny_model, "--max-length", 100_000_000], "2048 positions")]
     for args, words in cases:
         proc = _cli("eval", *args, "--data", data)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+# -------------------------------------------------------------------------- 11. start-up, exit 2
+
+
+def _data(tmp_path):
+    return _pairs(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+
+
+def test_seed_out_of_numpys_range_is_a_config_error():
+    from orpo_ds.config import ConfigError, load_config
+
+    for seed in (-1, 2**32):
+        with pytest.raises(ConfigError, match="train.seed"):
+            load_config(None, ["model.name_or_path=m", "data.train=d.jsonl", f"train.seed={seed}"])
+
+
+def test_start_up_refusals_exit_2_naming_the_key(tiny_model, tmp_path):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text('{"model_type": "mything", "auto_map": {"AutoConfig": "configuration_x.C"}}')
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3, "overlap_comm": "sometimes"}}')
+    cases = [([f"model.name_or_path={remote}"], "model.trust_remote_code=true"),
+             ([f"model.name_or_path={tiny_model}", f"deepspeed.config={ds}"], "overlap_comm"),
+             ([f"model.name_or_path={tiny_model}", "data.max_length=4096", "train.micro_batch_tokens=8192"],
+              "2048 positions")]
+    if importlib.util.find_spec("flash_attn") is None:
+        cases.append(([f"model.name_or_path={tiny_model}", "model.attn_implementation=flash_attention_2"],
+                      "flash_attention_2: the flash-attn package is not installed"))
+    for i, (args, words) in enumerate(cases):
+        proc = _cli("train", f"data.train={_data(tmp_path)}", f"train.output_dir={tmp_path / f'run{i}'}", *args)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
