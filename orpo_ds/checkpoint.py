@@ -46,7 +46,14 @@ from orpo_ds.config import Config, TrainConfig
 from orpo_ds.data import TokenizedPair, tokenizer_identity
 from orpo_ds.metrics import MetricsLog, read_metrics
 from orpo_ds.preemption import EXIT_INTERRUPTED, Preempted, PreemptionSignal
-from orpo_ds.safe_files import CHECKPOINT_STATE_FILE, aside_paths, atomic_write, replace_dir
+from orpo_ds.safe_files import (
+    CHECKPOINT_STATE_FILE,
+    DiskFullError,
+    aside_paths,
+    atomic_write,
+    is_disk_full,
+    replace_dir,
+)
 
 STATE_FILE = CHECKPOINT_STATE_FILE
 LATEST = "latest"
@@ -423,18 +430,46 @@ class CheckpointSaver:
             self.policy.causal_lm.peft_config["default"].save_pretrained(directory)
 
     def save(self, state: TrainerState) -> None:
-        """Collective: every rank writes its part, then rank 0 commits the checkpoint of ``state.step``."""
-        if self.info.is_main:
-            begin_save(self.out_dir, state.step)
-        eng_lib.barrier()
+        """Collective: every rank writes its part, then rank 0 commits the checkpoint of ``state.step``.
+
+        A full disk (on any rank) removes this save's temporary folder and raises :class:`DiskFullError`
+        on every rank; the previous checkpoint and ``latest`` are untouched, so a rerun resumes from them."""
         tmp = temp_dir(self.out_dir, state.step)
-        self.engine.save(tmp / "ds")
-        write_rank_state(tmp, self.info.rank)
-        eng_lib.barrier()
+        failure = None
+        try:
+            if self.info.is_main:
+                begin_save(self.out_dir, state.step)
+            eng_lib.barrier()
+            self.engine.save(tmp / "ds")
+            write_rank_state(tmp, self.info.rank)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            failure = exc
+        self._raise_if_disk_full_anywhere(failure, tmp, state.step)
         if self.info.is_main:
-            final = commit_save(tmp, state, self.keep, hf_files_from=self._write_hf_files)
-            print(f"[checkpoint] step {state.step} -> {final}", flush=True)
-        eng_lib.barrier()
+            try:
+                final = commit_save(tmp, state, self.keep, hf_files_from=self._write_hf_files)
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                failure = exc
+            else:
+                print(f"[checkpoint] step {state.step} -> {final}", flush=True)
+        self._raise_if_disk_full_anywhere(failure, tmp, state.step)
+
+    def _raise_if_disk_full_anywhere(self, failure: Exception | None, tmp: Path, step: int) -> None:
+        """Collective: if any rank ran out of space, rank 0 removes ``tmp`` and every rank raises."""
+        (failed,) = eng_lib.reduce_to_host(torch.tensor([float(failure is not None)]))
+        if not failed:
+            return
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(self.out_dir)
+        raise DiskFullError(f"no space left on device in {checkpoints_dir(self.out_dir)} while saving the checkpoint "
+                            f"of step {step} ({failure or 'on another rank'}); its partial files were removed, and "
+                            f"{f'the checkpoint {kept.name} is intact' if kept else 'no earlier checkpoint exists'}. "
+                            f"Free space, then rerun the same command to resume")
 
     def maybe_save(self, state: TrainerState, *, last_step: int, preemption: PreemptionSignal) -> None:
         """The checkpoint policy, after each step: on a stop request (preemption, Ctrl-C; a collective

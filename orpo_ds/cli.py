@@ -177,7 +177,7 @@ def _import_config(args: argparse.Namespace) -> int:
 def _exit_code_for(exc: Exception) -> int:
     from orpo_ds.checkpoint import ResumeError
     from orpo_ds.preemption import Preempted
-    from orpo_ds.safe_files import UnsafeOutputError
+    from orpo_ds.safe_files import DiskFullError, UnsafeOutputError, is_disk_full
     from orpo_ds.step import NonFiniteLossError
 
     if isinstance(exc, Preempted):
@@ -187,8 +187,13 @@ def _exit_code_for(exc: Exception) -> int:
         kind = "config" if isinstance(exc, ConfigError) else "data" if isinstance(exc, DataError) else "output"
         print(f"orpo-ds: {kind} error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    if isinstance(exc, (NonFiniteLossError, ResumeError)):
+    if isinstance(exc, (NonFiniteLossError, ResumeError, DiskFullError)):
         print(f"orpo-ds: {exc}", file=sys.stderr)
+        return EXIT_RUN_ERROR
+    if is_disk_full(exc):  # anywhere else: metrics, exports, the tokenized cache
+        where = getattr(exc, "filename", None) or getattr(exc.__cause__, "filename", None)
+        print(f"orpo-ds: no space left on device{f' writing {where}' if where else ''} ({exc}); free space, then "
+              f"rerun the same command", file=sys.stderr)
         return EXIT_RUN_ERROR
     raise exc
 

@@ -32,6 +32,11 @@ class UnsafeOutputError(ValueError):
     """A command would overwrite or delete something it must not; the message says what and why (exit 2)."""
 
 
+class DiskFullError(RuntimeError):
+    """The filesystem ran out of space (or quota) while writing; the message names the folder and what
+    was kept (exit 3)."""
+
+
 def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 

@@ -166,3 +166,42 @@ def test_export_refuses_a_bad_shard_size_and_a_damaged_checkpoint_before_any_wor
     missing = export()
     assert missing.returncode == 3 and "model_states.pt is missing" in missing.stderr, missing.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no export, no staging folder
+
+
+# ----------------------------------------------------------------------------- 12. a full disk
+
+
+class _FullDiskEngine:
+    """Writes part of its state, then fails as torch.save does on a full disk."""
+
+    def save(self, directory):
+        directory.mkdir(parents=True)
+        (directory / "partial.pt").write_bytes(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: "
+                           "No space left on device")
+
+
+def test_a_full_disk_during_a_save_removes_the_partial_checkpoint_and_names_the_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from orpo_ds.safe_files import DiskFullError
+
+    run = tmp_path / "run"
+    kept = _checkpoint(run, step=2)
+    (ckpt.checkpoints_dir(run) / ckpt.LATEST).write_text(kept.name)
+    saver = ckpt.CheckpointSaver(_FullDiskEngine(), policy=None, tokenizer=None,
+                                 t=TrainConfig(output_dir=str(run)), info=SimpleNamespace(is_main=True, rank=0))
+    with pytest.raises(DiskFullError, match=f"no space left on device in {ckpt.checkpoints_dir(run)}.*step 4.*"
+                                            f"{kept.name} is intact"):
+        saver.save(_state(step=4))
+    root = ckpt.checkpoints_dir(run)
+    assert sorted(p.name for p in root.iterdir()) == [ckpt.LATEST, kept.name]  # no .tmp-step-000004 left
+    assert ckpt.latest_checkpoint(run) == kept
+
+
+def test_a_full_disk_anywhere_else_exits_3_with_a_message_not_a_traceback(capsys):
+    from orpo_ds.cli import EXIT_RUN_ERROR, _exit_code_for
+
+    error = OSError(28, "No space left on device", "/scratch/run/metrics.jsonl")
+    assert _exit_code_for(error) == EXIT_RUN_ERROR
+    assert "no space left on device writing /scratch/run/metrics.jsonl" in capsys.readouterr().err
