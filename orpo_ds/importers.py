@@ -63,7 +63,9 @@ def _apply(source: dict[str, Any], out: Imported, rules: dict[str, tuple[str, Ca
         if key in consumed:
             continue
         rule = rules.get(key)
-        if rule is None:
+        if value is None:  # `key:` with nothing after it (YAML null): the source leaves it to the default
+            out.unmapped[key] = "empty in the source; orpo-ds's default applies"
+        elif rule is None:
             out.unmapped[key] = "no orpo-ds equivalent"
         elif isinstance(rule, str):
             out.unmapped[key] = rule
@@ -238,6 +240,7 @@ AXOLOTL_RULES: dict[str, Any] = {
     "micro_batch_size": "read: train.micro_batch_tokens = micro_batch_size * 2 * sequence_len",
     "load_in_8bit": "orpo-ds has no 8-bit base; QLoRA's 4-bit is model.lora.load_in_4bit",
     "strict": "orpo-ds validates every key (an unknown one is an error)",
+    "train_on_inputs": ("loss.nll_on_prompt", bool),
 }
 
 

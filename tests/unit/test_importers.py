@@ -5,6 +5,7 @@ it, and nothing is ever overwritten."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -147,3 +148,35 @@ def test_an_unreadable_source_exits_2(tmp_path, capsys):
     assert "expected a mapping" in capsys.readouterr().err
     assert cli.main(["config", "from-trl", str(tmp_path / "none.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- the peers' own files (issue 32 item 15)
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "importers"
+
+
+@pytest.mark.parametrize("kind, name", [("axolotl", "axolotl-mistral-qlora-orpo.yml"),
+                                        ("trl", "trl-orpo-script.yaml")])
+def test_the_peers_own_example_configs_import_validate_and_plan(tmp_path, capsys, kind, name):
+    """axolotl's example left `key:` empty in many places: the old importer wrote the string "None" for
+    them (train.wandb_project, train.run_name, and deepspeed.config, a path that does not exist)."""
+    out = tmp_path / "orpo.yaml"
+    assert cli.main(["config", f"from-{kind}", str(FIXTURES / name), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    text = out.read_text()
+    assert "None" not in text and "null" not in text, text
+    cfg = load_config(out)
+    assert cfg.deepspeed.config == "ds_configs/zero3.json"  # the default, not "None"
+    unmapped = dict(line.removeprefix("unmapped ").split(": ", 1) for line in err.splitlines()
+                    if line.startswith("unmapped "))
+    if kind == "axolotl":
+        assert cfg.loss.nll_on_prompt is False and "train_on_inputs" not in unmapped
+        assert cfg.train.wandb_project == "orpo-ds" and cfg.train.run_name is None
+        assert unmapped["wandb_project"] == "empty in the source; orpo-ds's default applies"
+        assert cfg.model.lora is not None and cfg.model.lora.load_in_4bit
+    else:
+        assert cfg.model.lora is not None and cfg.model.lora.r == 16 and cfg.train.max_steps == 1000
+        assert {"max_prompt_length", "torch_dtype", "hub_model_id"} <= unmapped.keys()
+    # The planner takes it as train would (the model swapped for a preset of the same class: no hub here).
+    assert cli.main(["plan", "--config", str(out), "model.name_or_path=llama-3-8b", "--json"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["fits"], bool)
