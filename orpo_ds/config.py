@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,6 +179,7 @@ class TrainConfig:
     def __post_init__(self):
         _require(bool(self.output_dir.strip()), "train.output_dir", "is empty; name a folder for this run, "
                  "e.g. train.output_dir=runs/my-run")
+        object.__setattr__(self, "output_dir", os.path.expanduser(self.output_dir))  # as data paths are
         _require(0 <= self.seed < 2**32, "train.seed", f"must be in 0 .. 2**32 - 1 (numpy's range), got {self.seed}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -257,6 +260,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     # eval of our own dataclasses' annotations only, never of user input
     hint = eval(annotation, {"tuple": tuple, "LoraConfig": LoraConfig}) if isinstance(annotation, str) else annotation
     origin = typing.get_origin(hint)
+    if isinstance(value, TypedOverride):
+        optional = origin in (typing.Union, types.UnionType)
+        wants_text = (next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint) is str
+        # YAML turned the text into a number, bool or date: a string key takes what was typed instead.
+        keep_text = wants_text and value.parsed is not None and not isinstance(value.parsed, str)
+        value = value.text if keep_text else value.parsed
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -292,8 +301,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=1e-5"`` -> ``("train.lr", 1e-5)``; the value is parsed as YAML (numbers, bools, lists)."""
+@dataclass(frozen=True)
+class TypedOverride:
+    """A ``key=value`` override: ``parsed`` as YAML reads it, and the ``text`` as typed, which a key that
+    expects a string takes instead (``train.output_dir=0755`` is the folder "0755", not 493)."""
+
+    parsed: Any
+    text: str
+
+
+def parse_override(text: str) -> tuple[str, TypedOverride]:
+    """``"train.lr=1e-5"`` -> ``("train.lr", TypedOverride(1e-5, "1e-5"))``; the value is parsed as YAML
+    (numbers, bools, lists), and kept as typed for string keys."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=1e-5")
     key, raw = text.split("=", 1)
@@ -307,7 +326,7 @@ def parse_override(text: str) -> tuple[str, Any]:
             value = float(value) if any(ch in value for ch in ".eE") and not value.isalpha() else value
         except ValueError:
             pass
-    return key.strip(), value
+    return key.strip(), TypedOverride(value, raw)
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -318,8 +337,9 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
                           f"model.lora.r (sections: {', '.join(SECTIONS)})")
     node = tree
     for i, part in enumerate(parts[:-1]):
-        if node.get(part) is None:  # absent, or a group set to null in the YAML (model.lora: null)
-            node[part] = {}
+        current = node.get(part)
+        if (current.parsed if isinstance(current, TypedOverride) else current) is None:
+            node[part] = {}  # absent, or a group set to null (model.lora: null in the YAML, or model.lora=null)
         if not isinstance(node[part], dict):
             raise ConfigError(f"{'.'.join(parts[:i + 1])}: expected a mapping of keys")
         node = node[part]
@@ -338,8 +358,9 @@ def _build_section(name: str, cls: type, values: Any):
         if key not in fields:
             raise ConfigError(f"{dotted}: unknown key; valid keys in {name}: {', '.join(fields)}")
         bool_as = fields[key].metadata.get("bool_as")
-        if bool_as and isinstance(value, bool):
-            value = bool_as[value]
+        plain = value.parsed if isinstance(value, TypedOverride) else value
+        if bool_as and isinstance(plain, bool):
+            value = bool_as[plain]
         kwargs[key] = _coerce(dotted, value, fields[key].type)
     return cls(**kwargs)
 
@@ -353,6 +374,44 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return Config(**built)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (a kilobyte of nested aliases expands to gigabytes: a config
+    has no use for them) and with a warning for a key given twice (YAML keeps the last silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"{self.name}: line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are "
+                              f"not accepted in configs; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                print(f"orpo-ds: warning: {self.name}: line {key_node.start_mark.line + 1}: key {key!r} is given "
+                      f"twice; the last value is used", file=sys.stderr)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    """The YAML (or JSON) document in ``path``, read with :class:`_ConfigLoader`; ConfigError naming
+    ``what`` and the file for text that is not UTF-8 or not YAML."""
+    try:
+        loader = _ConfigLoader(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what}: {path} is not valid YAML: {exc}") from exc
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
     tree: dict[str, Any] = {}
@@ -360,12 +419,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config: file {str(path)!r} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"--config: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config: {path} is not valid YAML: {exc}") from exc
+        tree = load_yaml(path, "--config") or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"--config: {path} must hold a mapping of sections")
     for text in overrides:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
-from orpo_ds.config import SECTIONS, Config, ConfigError, config_from_dict
+from orpo_ds.config import SECTIONS, Config, ConfigError, config_from_dict, load_yaml
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
 ATTENTION = {"flash_attention_2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager",
@@ -46,10 +46,7 @@ def read_source(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML or JSON ({exc})") from exc
+    data = load_yaml(path, "config")  # JSON is YAML
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
     return data

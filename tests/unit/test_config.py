@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from orpo_ds.config import ConfigError, load_config, parse_override
+from orpo_ds.config import ConfigError, TypedOverride, load_config, parse_override
 from orpo_ds.engine import build_ds_config, read_ds_config
 
 BASE = ["model.name_or_path=some/model", "data.train=pairs.jsonl"]
@@ -53,9 +53,9 @@ def test_missing_required_keys_say_how_to_fix():
 
 
 def test_override_parsing():
-    assert parse_override("train.lr=1e-5") == ("train.lr", 1e-5)
-    assert parse_override("data.train=a/b.c.jsonl") == ("data.train", "a/b.c.jsonl")
-    assert parse_override("train.max_steps=10") == ("train.max_steps", 10)
+    assert parse_override("train.lr=1e-5") == ("train.lr", TypedOverride(1e-5, "1e-5"))
+    assert parse_override("data.train=a/b.c.jsonl") == ("data.train", TypedOverride("a/b.c.jsonl", "a/b.c.jsonl"))
+    assert parse_override("train.max_steps=10") == ("train.max_steps", TypedOverride(10, "10"))
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("train.lr")
 
@@ -112,3 +112,48 @@ def test_report_to_names_known_trackers_and_a_missing_package_names_the_extra(mo
     with pytest.raises(ConfigError, match=r"^train.report_to: wandb needs the wandb package; pip install "
                                           r"'orpo-ds\[tracking\]'"):
         tracking.check_installed(cfg)
+
+
+# ------------------------------------------------------------- issue 32 item 14 and the smaller items
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path, capsys):
+    from orpo_ds import cli
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    assert len(ALIAS_BOMB) < 1024
+    with pytest.raises(ConfigError, match=r"line 2: YAML aliases \(\*a\) are not accepted") as err:
+        load_config(bomb)
+    assert len(str(err.value)) < 300
+    out = tmp_path / "orpo.yaml"
+    assert cli.main(["config", "from-trl", str(bomb), "--out", str(out)]) == 2  # the importers read it alike
+    assert not out.exists() and "YAML aliases" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_is_warned_about(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  name_or_path: m\ndata:\n  train: a.jsonl\n  train: b.jsonl\n")
+    assert load_config(config).data.train == "b.jsonl"
+    assert "line 5: key 'train' is given twice; the last value is used" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.output_dir=0755", "output_dir", "0755"),  # YAML 1.1 reads an octal 493
+    ("train.output_dir=12:30", "output_dir", "12:30"),  # and a sexagesimal 750
+    ("train.run_name=1e3", "run_name", "1e3"),
+    ("train.resume=true", "resume", "auto"), ("train.resume=false", "resume", "false"),
+    ("train.seed=0755", "seed", 493),  # an integer key still takes YAML's number
+])
+def test_a_string_key_keeps_the_override_as_typed(override, key, expected):
+    assert getattr(load_config(None, BASE + [override]).train, key) == expected
+
+
+def test_output_dir_expands_the_home_folder():
+    import os
+
+    assert load_config(None, BASE + ["train.output_dir=~/runs/x"]).train.output_dir == os.path.expanduser("~/runs/x")
