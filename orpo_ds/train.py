@@ -27,7 +27,7 @@ from orpo_ds.attention import resolve_attn_implementation
 from orpo_ds.batch import MicroBatch, micro_batches
 from orpo_ds.compare import compare_snapshots, comparison_report, seen_sample
 from orpo_ds.config import Config, ConfigError, dump_config
-from orpo_ds.data import DataError, TokenizedPair, load_records, tokenize_pairs
+from orpo_ds.data import DataError, TokenizedPair, duplicate_pairs, load_records, tokenize_pairs
 from orpo_ds.evaluate import Evaluator
 from orpo_ds.export import export_trained
 from orpo_ds.flops import peak_flops
@@ -109,6 +109,24 @@ def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]
     if not pairs:
         raise DataError(f"data: no usable pairs in {source}")
     return pairs
+
+
+def warn_about_the_run(cfg: Config, steps: list[StepPlan], train_pairs: list[TokenizedPair]) -> None:
+    """Settings that run but are likely mistakes, printed once at start-up (rank 0)."""
+    warnings = []
+    if cfg.train.warmup_steps > len(steps):
+        warnings.append(f"train.warmup_steps={cfg.train.warmup_steps} exceeds the run's {len(steps)} steps: the "
+                        f"learning rate never reaches train.lr={cfg.train.lr}")
+    if cfg.data.eval and Path(cfg.data.eval).expanduser().resolve() == Path(cfg.data.train).expanduser().resolve():
+        warnings.append(f"data.eval is data.train ({cfg.data.train}): the held-out figures are of pairs the run "
+                        f"trains on")
+    repeats = duplicate_pairs(train_pairs)
+    if repeats:
+        shown = ", ".join(map(str, repeats[:5])) + (", ..." if len(repeats) > 5 else "")
+        warnings.append(f"{len(repeats)} training pair(s) repeat an earlier pair exactly (rows {shown}); each "
+                        f"repeat is trained on again")
+    for line in warnings:
+        print(f"[warning] {line}", flush=True)
 
 
 def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: MetricsLog,
@@ -229,6 +247,8 @@ def start_run(cfg: Config) -> Run:
     layout = layout_for(t.share_prompt)
     steps = plan_run(train_pairs, t.micro_batch_tokens, info.world_size, t.grad_accum, seed=t.seed, epochs=t.epochs,
                      max_steps=t.max_steps, layout=layout)
+    if info.is_main:
+        warn_about_the_run(cfg, steps, train_pairs)
     identity = ckpt_lib.run_identity(cfg, info.world_size, train_pairs, tokenizer,
                                      zero_stage=eng_lib.zero_stage(ds_config),
                                      model_fingerprint=model_fingerprint(cfg.model.name_or_path))

@@ -7,6 +7,7 @@ dropped row under its own index.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
@@ -155,12 +156,14 @@ def _load_json_file(path: Path, split: str):
     from datasets import Dataset
 
     data = _read_bytes(path)
+    # A byte-order mark (editors on Windows write one) is not part of the first record.
+    body = data.removeprefix(codecs.BOM_UTF8)
     rows: list[dict | str] = []  # a dict per good row, a load-error reason per unreadable one
     parsed = None
     if path.suffix.lower() == ".json":
         try:
             # surrogateescape: invalid UTF-8 bytes become lone surrogates that _check_row reports per row.
-            parsed = json.loads(data.decode("utf-8", errors="surrogateescape"))
+            parsed = json.loads(body.decode("utf-8", errors="surrogateescape"))
         except (ValueError, RecursionError):  # JSONDecodeError, or one of the limits below
             parsed = None  # not one readable JSON document: read it as JSON lines below
         if isinstance(parsed, dict):
@@ -177,7 +180,7 @@ def _load_json_file(path: Path, split: str):
     if parsed is not None:
         rows = [_check_row(obj) for obj in parsed]
     else:
-        for line in data.split(b"\n"):
+        for line in body.split(b"\n"):
             if not line.strip():
                 continue  # blank lines are not rows (row indices count the non-blank lines)
             try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TokenizedPair"]
+__all__ = ["TokenizedPair", "duplicate_pairs"]
 
 
 @dataclass(frozen=True)
@@ -40,3 +40,15 @@ class TokenizedPair:
                     f"pair {self.pair_id}: {name} has {len(getattr(self, name))} token(s) and the prompt "
                     f"{len(self.prompt_ids)}, which leaves no response token to score; a response needs "
                     f">= 1 token after a non-empty prompt, >= 2 without one")
+
+
+def duplicate_pairs(pairs: list[TokenizedPair]) -> list[int]:
+    """The ``pair_id`` of every pair whose prompt and responses repeat an earlier pair's, in order."""
+    seen: set[tuple[tuple[int, ...], ...]] = set()
+    repeats = []
+    for p in pairs:
+        key = (p.prompt_ids, p.chosen_ids, p.rejected_ids)
+        if key in seen:
+            repeats.append(p.pair_id)
+        seen.add(key)
+    return repeats

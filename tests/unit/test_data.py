@@ -744,3 +744,35 @@ def test_two_workers_give_the_same_result_as_one(tmp_path):
     two = tok(ds, num_proc=2)
     assert one == two
     assert [i for i, _ in one[1].dropped] == [7, 21] and len(one[0]) == 28
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, suffix):
+    """Issue 32: a jsonl with a BOM dropped row 0, and a .json with one was read as JSON lines."""
+    rows = STANDARD[:3]
+    text = "".join(json.dumps(r) + "\n" for r in rows) if suffix == "jsonl" else json.dumps(rows, indent=2)
+    path = tmp_path / f"bom.{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    pairs, report = tok(load_records(str(path)))
+    assert len(pairs) == 3 and report.dropped == [] and report.kept == 3
+
+
+def test_duplicate_pairs_names_each_repeat():
+    from orpo_ds.data import duplicate_pairs
+
+    a, b = TokenizedPair(0, (1,), (2, 3), (4, 5)), TokenizedPair(1, (1,), (2, 3), (4, 6))
+    repeats = [TokenizedPair(2, (1,), (2, 3), (4, 5)), TokenizedPair(3, (1,), (2, 3), (4, 5))]
+    assert duplicate_pairs([a, b, *repeats]) == [2, 3] and duplicate_pairs([a, b]) == []
+
+
+def test_start_up_warns_of_long_warmup_eval_on_train_and_duplicates(capsys):
+    from orpo_ds.config import load_config
+    from orpo_ds.train import warn_about_the_run
+
+    cfg = load_config(None, ["model.name_or_path=m", "data.train=p.jsonl", "data.eval=./p.jsonl",
+                             "train.warmup_steps=10"])
+    pairs = [TokenizedPair(0, (1,), (2, 3), (4, 5)), TokenizedPair(1, (1,), (2, 3), (4, 5))]
+    warn_about_the_run(cfg, steps=[object()] * 4, train_pairs=pairs)
+    out = capsys.readouterr().out
+    assert "train.warmup_steps=10 exceeds the run's 4 steps" in out
+    assert "data.eval is data.train" in out and "1 training pair(s) repeat an earlier pair exactly (rows 1)" in out
