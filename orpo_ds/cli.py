@@ -7,15 +7,14 @@ adds ``--local_rank=N``), ``torchrun`` and ``srun``.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import warnings
 
 from orpo_ds.config import ConfigError, load_config
 from orpo_ds.data import DataError
-from orpo_ds.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: F401 - documented exit codes
-
-EXIT_CONFIG_ERROR = 2  # bad config, bad data or an unsafe output folder, reported without a traceback
-EXIT_RUN_ERROR = 3  # the run stopped itself: non-finite losses, or a checkpoint it cannot resume
+from orpo_ds.exit_codes import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RUN_ERROR
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,8 +78,21 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _stop_during_start_up(signum, frame) -> None:
+    """Until the training loop takes the signals over (:class:`orpo_ds.preemption.PreemptionSignal`): no
+    step has run, so nothing is lost by stopping now, with the code a requeue expects (75), or 130 for
+    Ctrl-C, instead of 143 or a KeyboardInterrupt traceback."""
+    code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
+    print(f"orpo-ds: {signal.Signals(signum).name} during start-up, before any training step: stopped, nothing to "
+          f"save; rerun the same command to start", file=sys.stderr, flush=True)
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    if args.command == "train" and argv is None:  # a process of its own, not a call from Python code
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, _stop_during_start_up)
     try:
         if args.command == "train":
             # DeepSpeed's ZeRO-3 calls torch.distributed collectives that torch 2.13 deprecates; the warning

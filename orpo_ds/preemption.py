@@ -9,9 +9,7 @@ import sys
 import torch
 
 from orpo_ds import engine as eng_lib
-
-EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was saved; requeue and rerun to continue
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+from orpo_ds.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 
 class Preempted(Exception):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -245,3 +247,33 @@ def test_start_up_refusals_exit_2_naming_the_key(tiny_model, tmp_path):
     for i, (args, words) in enumerate(cases):
         proc = _cli("train", f"data.train={_data(tmp_path)}", f"train.output_dir={tmp_path / f'run{i}'}", *args)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (Linux: the SigCgt mask in /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_a_signal_during_start_up_exits_with_the_requeue_or_interrupt_code(tmp_path, sig, code):
+    """Issue 32: SIGTERM during start-up exited 143, which the sbatch script does not requeue; SIGINT
+    printed a KeyboardInterrupt traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "orpo_ds", "train", "model.name_or_path=m",
+                             f"data.train={_data(tmp_path)}", f"train.output_dir={tmp_path / 'run'}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches(proc.pid, signal.SIGTERM) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(sig)  # torch and DeepSpeed are still importing: the start-up takes seconds
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr[-2000:]
+    assert "during start-up, before any training step" in stderr and "Traceback" not in stderr
