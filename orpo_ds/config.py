@@ -175,11 +175,14 @@ class TrainConfig:
     report_to: tuple[str, ...] = ()
     run_name: str | None = None  # W&B's run name; None: the output folder's name
     wandb_project: str = "orpo-ds"
+    # How long a collective waits for the other ranks before the job fails (a rank that died or hangs).
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self):
         _require(bool(self.output_dir.strip()), "train.output_dir", "is empty; name a folder for this run, "
                  "e.g. train.output_dir=runs/my-run")
         object.__setattr__(self, "output_dir", os.path.expanduser(self.output_dir))  # as data paths are
+        _require(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 seconds")
         _require(0 <= self.seed < 2**32, "train.seed", f"must be in 0 .. 2**32 - 1 (numpy's range), got {self.seed}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")

@@ -12,6 +12,7 @@ import os
 import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,9 +61,10 @@ def _adopt_slurm_environment() -> None:
                            "derives them from the allocation)")
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Join (or create) the process group: gloo on CPU, nccl on CUDA. Works under the deepspeed launcher,
-    torchrun, srun (SLURM_PROCID -> RANK) and as a plain single process."""
+    torchrun, srun (SLURM_PROCID -> RANK) and as a plain single process. ``timeout_s``
+    (``train.collective_timeout_s``) bounds how long a collective waits for a rank that died or hangs."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -75,7 +77,7 @@ def init_distributed() -> DistInfo:
     on_gpu = accelerator.device_name() == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
         if not on_gpu:
             release_cpu_comm_buffer_name()
     if on_gpu:

@@ -226,7 +226,7 @@ def start_run(cfg: Config) -> Run:
     """Join the process group and build the run: the folder lock and the export target are checked
     first, then the config, tokenizer and data, then the output folder's resume state, and only then
     are the model and engine built and a checkpoint loaded."""
-    t, info = cfg.train, eng_lib.init_distributed()
+    t, info = cfg.train, eng_lib.init_distributed(cfg.train.collective_timeout_s)
     seed_everything(t.seed)
     out_dir = Path(t.output_dir)
     lock = lock_output_dir(out_dir, info)

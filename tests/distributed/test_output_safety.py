@@ -5,9 +5,12 @@ these paths do not depend on the world size, and one rank keeps the tier fast.""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +129,41 @@ def test_a_resume_with_a_new_lr_and_more_steps_runs_them_and_marks_the_log(tiny_
     assert marker["step"] == 3 and marker["resumed_with_changes"] == {"train.lr": [1e-3, 1e-2],
                                                                       "train.max_steps": [3, 5]}
     assert json.loads((out / RUN_CONFIG).read_text())["train"]["lr"] == 1e-2
+
+
+def _rank_pid(session: int, rank: int) -> int | None:
+    """The pid of ``rank``'s trainer process in the launcher's session (the deepspeed launcher passes
+    ``--local_rank=N`` on each rank's command line)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or os.getsid(int(entry.name)) != session:
+                continue
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"orpo_ds" in args and f"--local_rank={rank}".encode() in args:
+            return int(entry.name)
+    return None
+
+
+def test_when_a_rank_dies_mid_run_the_others_exit_promptly(tiny_model, synthetic_data, tmp_path):
+    """Issue 32: the survivors must not wait for the collective timeout (30 minutes by default); the
+    timeout itself is train.collective_timeout_s, set short here so a hang would fail the test."""
+    out = tmp_path / "run"
+    args = _args(tiny_model, synthetic_data["train"], out, **{"train.epochs": 50, "train.collective_timeout_s": 60})
+    proc = subprocess.Popen(launch_command(args, 2), cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_logged_steps(out, 2)
+        victim = _rank_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        proc.communicate(timeout=300)
+        waited = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"the job ended {waited:.1f} s after rank 1 was killed")
+    assert proc.returncode != 0 and waited < 60  # before the collective timeout
+    assert _rank_pid(proc.pid, 0) is None  # rank 0 is gone too
