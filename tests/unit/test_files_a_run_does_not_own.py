@@ -277,3 +277,28 @@ def test_a_signal_during_start_up_exits_with_the_requeue_or_interrupt_code(tmp_p
         proc.kill()
     assert proc.returncode == code, stderr[-2000:]
     assert "during start-up, before any training step" in stderr and "Traceback" not in stderr
+
+
+def test_a_read_only_run_folder_is_an_output_error_not_a_traceback(tmp_path, monkeypatch):
+    import orpo_ds.safe_files as safe_files
+    from orpo_ds.safe_files import OutputDirLock
+
+    run = tmp_path / "run"
+    claim_output_dir(run)  # an earlier run's folder, now on a read-only mount
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(30, "Read-only file system")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(safe_files.os, "open", read_only)
+    with pytest.raises(UnsafeOutputError, match="cannot write there.*Read-only file system"):
+        OutputDirLock(run).acquire()
+
+
+def test_config_out_in_a_missing_folder_exits_2_before_importing(tmp_path):
+    source = tmp_path / "trl.yaml"
+    source.write_text("model_name_or_path: m\ndataset_name: d.jsonl\n")
+    proc = _cli("config", "from-trl", source, "--out", tmp_path / "nodir" / "x.yaml")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
