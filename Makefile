@@ -43,9 +43,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,demo,tracking]"
 	touch $(STAMP)
 
-# ruff with the small rule set in pyproject.toml (pyflakes, pycodestyle, isort, bugbear, blind excepts).
+# ruff with the small rule set in pyproject.toml (pyflakes, pycodestyle, isort, bugbear, blind excepts),
+# then import-linter's contracts there: the package's layers import downward only, and only the runtime
+# (engine, ds_config) imports deepspeed.
 lint: setup
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: setup

@@ -336,17 +336,11 @@ def universal_copy(ckpt: Path) -> Path:
     which the engine loads on any number of ranks with ``checkpoint.load_universal``. Written next to the
     checkpoint as ``.universal-step-N`` (the checkpoint itself is never modified) and deleted by
     :meth:`CheckpointSaver.resume` once loaded."""
-    import argparse
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
     final = ckpt.parent / f".universal-{ckpt.name}"
     tmp = ckpt.parent / f".universal-{ckpt.name}.tmp"
     for stale in (final, tmp):
         shutil.rmtree(stale, ignore_errors=True)
-    ds_to_universal(argparse.Namespace(input_folder=str(ckpt / "ds" / "state"), output_folder=str(tmp / "state"),
-                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                       strict=True, inject_missing_state=False))
+    eng_lib.convert_to_universal(ckpt / "ds" / "state", tmp / "state")
     tmp.rename(final)
     return final
 

@@ -151,7 +151,7 @@ def _plan(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, cluster, mfu=args.mfu, reserve_gib=args.reserve_gb)
     if args.write_ds_config:
 
-        from orpo_ds.engine import read_ds_config
+        from orpo_ds.ds_config import read_ds_config
         from orpo_ds.safe_files import atomic_write, refuse_existing_file
 
         refuse_existing_file(args.write_ds_config, "--write-ds-config")  # never replace a file the user has

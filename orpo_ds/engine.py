@@ -1,12 +1,13 @@
-"""Everything DeepSpeed: process group, config injection, ZeRO-3 model loading, the engine, gathers.
+"""The runtime: process group, ZeRO-3 model loading, the engine facade, gathers, collectives, and the
+universal-checkpoint conversion.
 
-This is the only module that imports deepspeed. The rest of orpo-ds sees plain ``nn.Module`` objects,
-tensors and the small :class:`Engine` facade below.
+With :mod:`orpo_ds.ds_config` (the DeepSpeed JSON), this is the only module that imports deepspeed (an
+import-linter contract in pyproject.toml holds the package to it). The rest of orpo-ds sees plain
+``nn.Module`` objects, tensors and the small :class:`Engine` facade below.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -19,12 +20,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from orpo_ds.config import ConfigError, TrainConfig
-
-# Keys of the DeepSpeed JSON that orpo-ds owns: they come from our config, and a JSON that sets one of
-# them to something else is an error rather than a silent override.
-_INJECTED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                  "gradient_clipping")
+from orpo_ds.config import TrainConfig
+from orpo_ds.ds_config import ZeroSetup, zero_stage
 
 
 @dataclass(frozen=True)
@@ -127,87 +124,6 @@ def resolve_dtype(t: TrainConfig, info: DistInfo) -> torch.dtype:
     return torch.bfloat16 if t.precision == "bf16" else torch.float32
 
 
-def build_ds_config(ds_json: dict[str, Any], t: TrainConfig, world_size: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Inject batch sizes, clipping and precision from our config into the engine-only DeepSpeed JSON.
-
-    One packed row is one micro-batch, so ``train_micro_batch_size_per_gpu`` is 1. A JSON value that
-    disagrees with ours raises ConfigError; ``"auto"`` or an absent key is filled in.
-    """
-    ds = json.loads(json.dumps(ds_json))  # deep copy
-    zero_stage(ds)  # validates zero_optimization
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ConfigError(f"deepspeed.config: remove the {section!r} section; orpo-ds builds the optimizer "
-                              f"and schedule from train.lr, train.lr_schedule, train.warmup_steps, ...")
-    wanted = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": world_size * t.grad_accum,
-        "gradient_clipping": t.max_grad_norm,
-    }
-    for key in _INJECTED_KEYS:
-        have = ds.get(key, "auto")
-        if have != "auto" and have != wanted[key]:
-            raise ConfigError(f"deepspeed.config sets {key}={have!r} but orpo-ds derives {wanted[key]!r} from "
-                              f"train.* (one packed row per micro-batch); remove the key or set it to \"auto\"")
-        ds[key] = wanted[key]
-    bf16 = dtype == torch.bfloat16
-    for section, enabled in (("bf16", bf16), ("fp16", False)):
-        if not isinstance(ds.get(section, {}), dict):
-            raise ConfigError(f"deepspeed.config: {section!r} must be a section like {{\"enabled\": \"auto\"}}, "
-                              f"got {ds[section]!r}; precision comes from train.precision")
-        have = ds.get(section, {}).get("enabled", "auto")
-        if have != "auto" and bool(have) != enabled:
-            raise ConfigError(f"deepspeed.config sets {section}.enabled={have} but train.precision resolves to "
-                              f"{'bf16' if bf16 else 'fp32'}; remove it or set train.precision accordingly")
-        ds.setdefault(section, {})["enabled"] = enabled
-    if bf16:  # ZeRO-1/2 in bf16 apply a non-finite gradient unless told to check (the non-finite guard)
-        ds["bf16"].setdefault("check_grad_overflow", True)
-    if t.optimizer == "sgd":
-        ds["zero_allow_untested_optimizer"] = True
-    return ds
-
-
-def read_ds_config(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"deepspeed.config: file {path!r} does not exist; pick one of ds_configs/*.json")
-    try:
-        ds = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {exc}") from exc
-    if not isinstance(ds, dict):
-        raise ConfigError(f"deepspeed.config: {path} must hold a JSON object of engine settings, got a "
-                          f"{type(ds).__name__}")
-    return ds
-
-
-def validate_ds_config(ds_config: dict[str, Any]) -> None:
-    """DeepSpeed's own validation of the engine settings, run at start-up (after the process group
-    exists, which it reads the world size from): a value of the wrong type is a ConfigError naming its
-    key, before any data or model is loaded, not a traceback from ``deepspeed.initialize``."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from pydantic import ValidationError
-
-    try:
-        DeepSpeedConfig(ds_config)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
-                             for e in exc.errors())
-        raise ConfigError(f"deepspeed.config: {exc.title}: {problems}") from exc
-
-
-def zero_stage(ds_config: dict[str, Any]) -> int:
-    """The ZeRO stage (0 when absent); ConfigError for anything but a mapping with a stage of 0-3."""
-    zero = ds_config.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ConfigError(f"deepspeed.config: zero_optimization must be an object, got {zero!r}")
-    stage = zero.get("stage", 0)
-    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    return stage
-
-
 def load_pretrained(loader: Callable[[], torch.nn.Module], ds_config: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     """Run ``loader`` (a ``from_pretrained`` call) so that ZeRO-3 partitions the weights while loading.
 
@@ -234,8 +150,6 @@ def register_external_parameter(module: torch.nn.Module, param: torch.nn.Paramet
 def make_optimizer(module: torch.nn.Module, t: TrainConfig, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
     """AdamW (fused), DeepSpeedCPUAdam when the JSON offloads the optimizer, or SGD, over the trainable
     parameters of ``module``, from the ``train`` section."""
-    from orpo_ds.plan.memory import ZeroSetup
-
     params = [p for p in module.parameters() if p.requires_grad]
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -313,8 +227,6 @@ class Engine:
 
     def describe(self) -> str:
         """One start-up line: the ZeRO stage, the optimizer that runs, and what is offloaded to the CPU."""
-        from orpo_ds.plan.memory import ZeroSetup
-
         zero = ZeroSetup.from_ds_config(self.ds_config)
         offloaded = [name for name, on in (("optimizer", zero.offload_optimizer), ("param", zero.offload_param)) if on]
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the optimizer we built
@@ -508,3 +420,15 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def convert_to_universal(zero_folder: Path, out_folder: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` on a ZeRO-3 checkpoint folder (its ``state`` tag): every
+    parameter's fp32 value and AdamW moments whole, one folder per parameter, in ``out_folder``."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ds_to_universal(argparse.Namespace(input_folder=str(zero_folder), output_folder=str(out_folder),
+                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                       strict=True, inject_missing_state=False))

@@ -20,6 +20,11 @@ reads as a lower MFU rather than a higher one (its backward skips the weight gra
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the FLOP count needs no packing code
+    from orpo_ds.data import TokenizedPair
+    from orpo_ds.packing import StepPlan
 
 # Dense bf16 tensor-core peaks, FLOP/s, by a name ``torch.cuda.get_device_name`` contains (SXM parts).
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -58,3 +63,15 @@ def peak_flops(device_name: str | None, override_tflops: float | None) -> float 
     if not device_name:
         return None
     return next((peak for name, peak in BF16_PEAK_FLOPS.items() if name in device_name), None)
+
+
+def step_shape(plan: StepPlan, pairs: list[TokenizedPair], nll_on_prompt: bool) -> tuple[list[int], int]:
+    """Sequence lengths of the whole step (every rank) and the positions that reach the head, from the
+    plan on the host: what :func:`orpo_ds.flops.step_flops` needs, with no collective."""
+    lengths, head_positions = [], 0
+    for row in plan.filled_rows():
+        for p in (pairs[i] for i in row):
+            prompt = len(p.prompt_ids)
+            lengths += [prompt + len(p.chosen_ids), prompt + len(p.rejected_ids)]
+            head_positions += len(p.chosen_ids) + len(p.rejected_ids) + (prompt if nll_on_prompt else 0)
+    return lengths, head_positions

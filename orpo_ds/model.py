@@ -19,6 +19,7 @@ from orpo_ds import engine as eng_lib
 from orpo_ds import liger as liger_lib
 from orpo_ds import lora as lora_lib
 from orpo_ds.config import ConfigError, ModelConfig
+from orpo_ds.ds_config import zero_stage
 from orpo_ds.logps import auto_chunk_size, chunked_token_logps
 
 
@@ -137,7 +138,7 @@ def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_s
         liger = liger_lib.resolve(m.liger_kernels, config, device_type=eng_lib.comm_device().type,
                                   logit_scale=final_logit_scale(config))
         quantization = lora_lib.quantization_config(m.lora, on_gpu=eng_lib.comm_device().type == "cuda",
-                                                    zero_stage=eng_lib.zero_stage(ds_config), dtype=dtype)
+                                                    zero_stage=zero_stage(ds_config), dtype=dtype)
         model, keepalive = eng_lib.load_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
             m.name_or_path, dtype=dtype, attn_implementation=attn, trust_remote_code=m.trust_remote_code,
             quantization_config=quantization), ds_config)

@@ -65,6 +65,18 @@ def check_max_length(max_length: int, model_config, key: str) -> None:
                           f"(max_position_embeddings); use at most {positions}")
 
 
+def load_tokenizer(cfg):
+    """The tokenizer of ``cfg.model`` (a :class:`~orpo_ds.config.Config`); ConfigError naming
+    ``model.name_or_path`` when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as exc:  # a missing folder, or a hub name this machine cannot reach
+        raise ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: not found, or not a "
+                          f"model folder ({str(exc).splitlines()[0]})") from exc
+
+
 _SAMPLED_BYTES = 1 << 20  # of each weights file, from its start and its end: headers, shapes and some values
 
 

@@ -16,7 +16,7 @@ import torch
 from orpo_ds import engine as eng_lib
 from orpo_ds.batch import MicroBatch, micro_batch_loss
 from orpo_ds.data import TokenizedPair
-from orpo_ds.flops import step_flops
+from orpo_ds.flops import step_flops, step_shape
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.packing import StepPlan
 
@@ -100,18 +100,6 @@ class NonFiniteGuard:
             raise NonFiniteLossError(f"{self.streak} consecutive steps (up to step {self.last_step}) had a "
                                      f"non-finite loss; see the pair ids in metrics.jsonl. Check the data and "
                                      f"the learning rate, or raise train.max_nonfinite_steps")
-
-
-def step_shape(plan: StepPlan, pairs: list[TokenizedPair], nll_on_prompt: bool) -> tuple[list[int], int]:
-    """Sequence lengths of the whole step (every rank) and the positions that reach the head, from the
-    plan on the host: what :func:`orpo_ds.flops.step_flops` needs, with no collective."""
-    lengths, head_positions = [], 0
-    for row in plan.filled_rows():
-        for p in (pairs[i] for i in row):
-            prompt = len(p.prompt_ids)
-            lengths += [prompt + len(p.chosen_ids), prompt + len(p.rejected_ids)]
-            head_positions += len(p.chosen_ids) + len(p.rejected_ids) + (prompt if nll_on_prompt else 0)
-    return lengths, head_positions
 
 
 class StepRecorder:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from orpo_ds import checkpoint as ckpt_lib
+from orpo_ds import ds_config as ds_lib
 from orpo_ds import engine as eng_lib
 from orpo_ds import tracking
 from orpo_ds.attention import resolve_attn_implementation
@@ -33,7 +34,7 @@ from orpo_ds.export import export_trained
 from orpo_ds.flops import peak_flops
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, build_policy
-from orpo_ds.model_files import check_max_length, model_fingerprint, read_model_config
+from orpo_ds.model_files import check_max_length, load_tokenizer, model_fingerprint, read_model_config
 from orpo_ds.packing import StepPlan, layout_for, plan_run, replan_run
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics, run_line
@@ -72,16 +73,6 @@ def lock_output_dir(out_dir: Path, info) -> OutputDirLock:
             error = exc
     raise_if_any_rank_failed(error, UnsafeOutputError(f"{out_dir} is in use by another run (see rank 0)"))
     return lock
-
-
-def load_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    except OSError as exc:  # a missing folder, or a hub name this machine cannot reach
-        raise ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path!r}: not found, or not a "
-                          f"model folder ({str(exc).splitlines()[0]})") from exc
 
 
 def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]:
@@ -233,8 +224,8 @@ def start_run(cfg: Config) -> Run:
     if t.export:  # refuse now rather than after hours of training
         check_export_target(out_dir / "final", protected=[])
     dtype = eng_lib.resolve_dtype(t, info)
-    ds_config = eng_lib.build_ds_config(eng_lib.read_ds_config(cfg.deepspeed.config), t, info.world_size, dtype)
-    eng_lib.validate_ds_config(ds_config)
+    ds_config = ds_lib.build_ds_config(ds_lib.read_ds_config(cfg.deepspeed.config), t, info.world_size, dtype)
+    ds_lib.validate_ds_config(ds_config)
     tracking.check_installed(cfg)
     check_max_length(cfg.data.max_length, read_model_config(cfg.model.name_or_path,
                                                             trust_remote_code=cfg.model.trust_remote_code),
@@ -250,10 +241,10 @@ def start_run(cfg: Config) -> Run:
     if info.is_main:
         warn_about_the_run(cfg, steps, train_pairs)
     identity = ckpt_lib.run_identity(cfg, info.world_size, train_pairs, tokenizer,
-                                     zero_stage=eng_lib.zero_stage(ds_config),
+                                     zero_stage=ds_lib.zero_stage(ds_config),
                                      model_fingerprint=model_fingerprint(cfg.model.name_or_path))
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
-    resume_from = prepare_output_dir(cfg, info, identity, log, eng_lib.zero_stage(ds_config))
+    resume_from = prepare_output_dir(cfg, info, identity, log, ds_lib.zero_stage(ds_config))
     saved = ckpt_lib.read_state(resume_from) if resume_from else None
     log.trackers = open_trackers(cfg, info, saved.step if saved else 0)
     universal = None

@@ -34,41 +34,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orpo_ds.ds_config import ZeroSetup
 from orpo_ds.logps import auto_chunk_size
 from orpo_ds.plan.shapes import ModelShape
 
 ADAM_MOMENT_BYTES = 8  # AdamW's exp_avg and exp_avg_sq, fp32
 MASTER_BYTES = 4  # DeepSpeed's fp32 master copy of each trained parameter
 INDEX_BYTES = 8  # int64 ids, positions, row indices
-
-
-@dataclass(frozen=True)
-class ZeroSetup:
-    """The ZeRO settings memory depends on, from a DeepSpeed JSON with DeepSpeed's own defaults."""
-
-    stage: int
-    offload_param: bool
-    offload_optimizer: bool
-    sub_group_size: int
-    reduce_bucket_size: int
-    allgather_bucket_size: int
-    prefetch_bucket_size: int
-    persistence_threshold: int
-
-    @classmethod
-    def from_ds_config(cls, ds_config: dict) -> ZeroSetup:
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-        z = DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))
-
-        def offloaded(section) -> bool:
-            return section is not None and str(section.device) not in ("none", "OffloadDeviceEnum.none")
-
-        return cls(stage=int(z.stage), offload_param=offloaded(z.offload_param),
-                   offload_optimizer=offloaded(z.offload_optimizer), sub_group_size=int(z.sub_group_size),
-                   reduce_bucket_size=int(z.reduce_bucket_size), allgather_bucket_size=int(z.allgather_bucket_size),
-                   prefetch_bucket_size=int(z.prefetch_bucket_size),
-                   persistence_threshold=int(z.param_persistence_threshold))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from orpo_ds.config import Config, ConfigError
-from orpo_ds.engine import build_ds_config, read_ds_config
+from orpo_ds.ds_config import ZeroSetup, build_ds_config, read_ds_config
 from orpo_ds.flops import BF16_PEAK_FLOPS
 from orpo_ds.plan import memory, rows, timing
 from orpo_ds.plan.shapes import ModelShape, load_model_config, model_shape
@@ -97,7 +97,7 @@ class Planner:
     """Memory of the configured model for any GPU count, row size and checkpointing choice."""
 
     shape: ModelShape
-    zero: memory.ZeroSetup
+    zero: ZeroSetup
     dtype_bytes: int
     chunk_size: int | None
     reserve: int
@@ -209,7 +209,7 @@ def make_plan(cfg: Config, cluster: Cluster, *, mfu: float | None = None,
     ds_config = build_ds_config(read_ds_config(cfg.deepspeed.config), cfg.train, cluster.gpus, dtype)
     model_config = load_model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
     shape = model_shape(model_config, cfg.model.trainable_layers, cfg.model.lora)
-    planner = Planner(shape=shape, zero=memory.ZeroSetup.from_ds_config(ds_config),
+    planner = Planner(shape=shape, zero=ZeroSetup.from_ds_config(ds_config),
                       dtype_bytes=dtype.itemsize, chunk_size=cfg.loss.chunk_size, reserve=int(reserve_gib * GIB))
     stats = rows.row_stats(cfg, model_config, cluster.gpus)
     ckpt = cfg.model.gradient_checkpointing

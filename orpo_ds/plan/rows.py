@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orpo_ds.config import Config
-from orpo_ds.flops import step_flops
+from orpo_ds.flops import step_flops, step_shape
 from orpo_ds.packing import layout_for, plan_epoch
 from orpo_ds.plan.shapes import PRESETS
-from orpo_ds.step import step_shape
 
 # Without data: the share of a row's tokens that reach the head (response tokens). ORPO pairs in the
 # public sets (UltraFeedback, Capybara) put about half of their tokens in the responses.
@@ -41,7 +40,7 @@ class RowStats:
 def from_data(cfg: Config, model_config, ranks: int) -> RowStats:
     """Tokenize (or read the tokenized cache of) ``data.train`` and pack epoch 0 exactly as training would."""
     from orpo_ds.data import load_records, tokenize_pairs
-    from orpo_ds.train import load_tokenizer
+    from orpo_ds.model_files import load_tokenizer
 
     d, t = cfg.data, cfg.train
     pairs, _ = tokenize_pairs(load_records(d.train), load_tokenizer(cfg), max_length=d.max_length, fmt=d.format,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orpo_ds.plan.memory import ZeroSetup
+from orpo_ds.ds_config import ZeroSetup
 from orpo_ds.plan.shapes import ModelShape
 
 # No GPU step of orpo-ds has been measured yet (benchmarks/RESULTS.md): until one is, the default MFU is

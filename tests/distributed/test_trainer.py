@@ -337,7 +337,8 @@ def test_zero3_on_two_ranks_holds_about_half_of_one_ranks_state(tiny_model, synt
     # against what the engine holds; the rest is partition padding and AdamW's step counters.
     from transformers import AutoConfig
 
-    from orpo_ds.plan.memory import ZeroSetup, model_states
+    from orpo_ds.ds_config import ZeroSetup
+    from orpo_ds.plan.memory import model_states
     from orpo_ds.plan.shapes import model_shape
 
     shape = model_shape(AutoConfig.from_pretrained(tiny_model))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orpo_ds.config import ConfigError, TypedOverride, load_config, parse_override
-from orpo_ds.engine import build_ds_config, read_ds_config
+from orpo_ds.ds_config import build_ds_config, read_ds_config
 
 BASE = ["model.name_or_path=some/model", "data.train=pairs.jsonl"]
 

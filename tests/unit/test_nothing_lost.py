@@ -19,7 +19,7 @@ import torch
 from orpo_ds import checkpoint as ckpt
 from orpo_ds.config import ConfigError, load_config
 from orpo_ds.data import TokenizedPair
-from orpo_ds.engine import build_ds_config, read_ds_config
+from orpo_ds.ds_config import build_ds_config, read_ds_config
 from orpo_ds.metrics import MetricsLog, read_metrics
 from orpo_ds.safe_files import (
     EXPORT_MARKER,

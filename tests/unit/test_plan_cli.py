@@ -8,8 +8,9 @@ import pytest
 
 from orpo_ds.cli import main
 from orpo_ds.config import load_config
+from orpo_ds.ds_config import ZeroSetup
 from orpo_ds.plan import Cluster, make_plan
-from orpo_ds.plan.memory import ZeroSetup, model_states
+from orpo_ds.plan.memory import model_states
 from orpo_ds.plan.shapes import load_model_config, model_shape
 from tests.helpers.models import save_tiny_llama
 from tests.helpers.synthetic import write_pairs

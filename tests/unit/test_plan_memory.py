@@ -10,9 +10,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from orpo_ds.batch import micro_batch_loss, prepare_micro_batch
 from orpo_ds.data import TokenizedPair
+from orpo_ds.ds_config import ZeroSetup
 from orpo_ds.model import PolicyWithChunkedHead
 from orpo_ds.packing import build_row
-from orpo_ds.plan.memory import ZeroSetup, activation_estimate, model_states
+from orpo_ds.plan.memory import activation_estimate, model_states
 from orpo_ds.plan.shapes import PRESETS, load_model_config, model_shape
 from tests.helpers.memory import measure_peak
 
