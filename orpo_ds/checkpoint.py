@@ -44,7 +44,7 @@ from orpo_ds import engine as eng_lib
 from orpo_ds import lora as lora_lib
 from orpo_ds.config import Config, TrainConfig
 from orpo_ds.data import TokenizedPair, tokenizer_identity
-from orpo_ds.metrics import MetricsLog, read_metrics
+from orpo_ds.metrics import MetricsLog
 from orpo_ds.preemption import EXIT_INTERRUPTED, Preempted, PreemptionSignal
 from orpo_ds.safe_files import (
     CHECKPOINT_STATE_FILE,
@@ -75,24 +75,22 @@ class TrainerState:
     num_pairs: int
     model: str
     config: dict[str, Any]
-    # What the packing plan is a function of, besides the fields above. None in checkpoints written
-    # before they were recorded: such a resume compares only the pair count.
-    data_fingerprint: str | None = None  # sha256 of the tokenized training pairs, in order
-    max_length: int | None = None
-    truncation: str | None = None
-    tokenizer_sha256: str | None = None  # vocabulary, merges, added tokens and chat template
-    # The loop's own progress besides the step: the held-out figures before and after training, so a
-    # requeued job reports them without evaluating (or logging) them twice.
+    # What the packing plan is a function of, besides the fields above.
+    data_fingerprint: str  # sha256 of the tokenized training pairs, in order
+    max_length: int
+    truncation: str
+    tokenizer_sha256: str  # vocabulary, merges, added tokens and chat template
+    # The engine state's shape: the ZeRO stage of its partitions and the model it was trained from
+    # (orpo_ds.model_files.model_fingerprint).
+    zero_stage: int
+    model_fingerprint: str
+    # The loop's own progress besides the step: the held-out figures before and after training, and the
+    # before/after snapshots of orpo_ds.evaluate.Evaluator.snapshot (per-pair stats and answers), so a
+    # requeued job reports them without evaluating (or logging) them twice. None until known.
     eval_before: dict[str, float] | None = None
     eval_after: dict[str, float] | None = None
-    # The before/after snapshots of orpo_ds.evaluate.Evaluator.snapshot (per-pair stats and answers); None
-    # in checkpoints written before they were recorded.
     compare_before: dict[str, Any] | None = None
     compare_after: dict[str, Any] | None = None
-    # The engine state's shape: the ZeRO stage of its partitions and the model it was trained from
-    # (orpo_ds.model_files.model_fingerprint); None in checkpoints written before they were recorded.
-    zero_stage: int | None = None
-    model_fingerprint: str | None = None
 
 
 def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
@@ -288,13 +286,10 @@ def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path, *, worl
                         f"in a row, and so which pairs each step holds, depends on it)")
     if state.num_pairs != new.num_pairs:
         problems.append(f"training pairs {state.num_pairs} -> {new.num_pairs} (different data)")
-    if state.model_fingerprint is not None:
-        if state.model_fingerprint != new.model_fingerprint:
-            problems.append(f"the model at model.name_or_path ({new.model!r}) is not the one the checkpoint was "
-                            f"trained from ({state.model!r}): its config or weights differ")
-    elif os.path.normpath(state.model) != os.path.normpath(new.model):
-        problems.append(f"model.name_or_path {state.model!r} -> {new.model!r}")
-    if state.zero_stage is not None and state.zero_stage != new.zero_stage:
+    if state.model_fingerprint != new.model_fingerprint:
+        problems.append(f"the model at model.name_or_path ({new.model!r}) is not the one the checkpoint was "
+                        f"trained from ({state.model!r}): its config or weights differ")
+    if state.zero_stage != new.zero_stage:
         problems.append(f"ZeRO stage {state.zero_stage} -> {new.zero_stage} (the checkpoint's partitions are "
                         f"ZeRO-{state.zero_stage}'s; resume with its DeepSpeed config, or export the checkpoint "
                         f"and start a new run from the exported model)")
@@ -304,13 +299,13 @@ def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path, *, worl
         if old_value != new_value:
             problems.append(f"{section}.{key} {old_value!r} -> {new_value!r} ({why}; restore {section}.{key}="
                             f"{old_value}, or export the checkpoint and start a new run from it)")
-    for key in ("max_length", "truncation"):  # None: a checkpoint from before these were recorded
-        if getattr(state, key) is not None and getattr(state, key) != getattr(new, key):
+    for key in ("max_length", "truncation"):
+        if getattr(state, key) != getattr(new, key):
             problems.append(f"data.{key} {getattr(state, key)!r} -> {getattr(new, key)!r} (it changes the "
                             f"tokenized pairs)")
-    if state.tokenizer_sha256 is not None and state.tokenizer_sha256 != new.tokenizer_sha256:
+    if state.tokenizer_sha256 != new.tokenizer_sha256:
         problems.append("the tokenizer or its chat template changed")
-    if not problems and state.data_fingerprint is not None and state.data_fingerprint != new.data_fingerprint:
+    if not problems and state.data_fingerprint != new.data_fingerprint:
         problems.append("the training data changed (same number of pairs, different content or order)")
     if problems:
         raise ResumeError(f"cannot resume from {ckpt}: " + "; ".join(problems) +
@@ -506,21 +501,6 @@ class CheckpointSaver:
                 print(f"[checkpoint] settings changed since the checkpoint, applied from step {saved.step + 1}: "
                       f"{shown}", flush=True)
             log.write({"step": saved.step, "resumed_with_changes": changes})
-        evals = {"eval_before": saved.eval_before, "eval_after": saved.eval_after}
-        if not _records_evals(ckpt):  # written before the state held them: they are in the step log
-            evals = logged_evals(self.out_dir / "metrics.jsonl", saved.step)
-        return dataclasses.replace(identity, step=saved.step, epoch=saved.epoch, compare_before=saved.compare_before,
-                                   compare_after=saved.compare_after, **evals)
-
-
-def _records_evals(ckpt: Path) -> bool:
-    return "eval_before" in json.loads((ckpt / STATE_FILE).read_text())
-
-
-def logged_evals(metrics_path: Path, step: int) -> dict[str, dict | None]:
-    """The eval records at step 0 and at ``step`` in an earlier run's metrics.jsonl, for a checkpoint
-    from before :class:`TrainerState` recorded them. Every rank reads the file (the checkpoint's folder
-    is shared by all ranks already), so every rank makes the same decision whether to evaluate."""
-    records = read_metrics(metrics_path) if metrics_path.is_file() else []
-    found = {r["step"]: r for r in records if any(k.startswith("eval/") for k in r)}
-    return {"eval_before": found.get(0), "eval_after": found.get(step) if step else None}
+        return dataclasses.replace(identity, step=saved.step, epoch=saved.epoch, eval_before=saved.eval_before,
+                                   eval_after=saved.eval_after, compare_before=saved.compare_before,
+                                   compare_after=saved.compare_after)

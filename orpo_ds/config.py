@@ -31,7 +31,8 @@ LIGER_KERNELS = ("auto", "on", "off")
 REPORT_TO = ("tensorboard", "wandb")
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError ``key: message`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
@@ -54,14 +55,14 @@ class LoraConfig:
     train_head: bool = False
 
     def __post_init__(self):
-        _require(self.r >= 1, "model.lora.r", f"must be >= 1, got {self.r}")
-        _require(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
-        _require(0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
-        _require(len(self.target_modules) >= 1 and all(self.target_modules), "model.lora.target_modules",
+        require(self.r >= 1, "model.lora.r", f"must be >= 1, got {self.r}")
+        require(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        require(0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        require(len(self.target_modules) >= 1 and all(self.target_modules), "model.lora.target_modules",
                  "must name at least one module (e.g. [q_proj, v_proj]) or be all-linear")
-        _require("all-linear" not in self.target_modules or len(self.target_modules) == 1,
+        require("all-linear" not in self.target_modules or len(self.target_modules) == 1,
                  "model.lora.target_modules", "all-linear already means every linear layer; give it alone")
-        _require(not (self.train_head and self.load_in_4bit), "model.lora.train_head",
+        require(not (self.train_head and self.load_in_4bit), "model.lora.train_head",
                  "cannot train a 4-bit quantized head; set model.lora.load_in_4bit=false or train_head=false")
 
 
@@ -80,15 +81,15 @@ class ModelConfig:
     lora: LoraConfig | None = None  # null: train the weights themselves (all, or model.trainable_layers)
 
     def __post_init__(self):
-        _require(bool(self.name_or_path), "model.name_or_path",
+        require(bool(self.name_or_path), "model.name_or_path",
                  "is empty; set it to a local model folder or a hub name, e.g. model.name_or_path=path/to/model")
-        _require(self.trainable_layers is None or self.trainable_layers >= 1, "model.trainable_layers",
+        require(self.trainable_layers is None or self.trainable_layers >= 1, "model.trainable_layers",
                  f"must be >= 1 or null (train every layer), got {self.trainable_layers}")
-        _require(self.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+        require(self.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
                  f"{self.attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-        _require(self.liger_kernels in LIGER_KERNELS, "model.liger_kernels",
+        require(self.liger_kernels in LIGER_KERNELS, "model.liger_kernels",
                  f"{self.liger_kernels!r} is not one of {', '.join(LIGER_KERNELS)} (or YAML true/false)")
-        _require(self.lora is None or self.trainable_layers is None, "model.trainable_layers",
+        require(self.lora is None or self.trainable_layers is None, "model.trainable_layers",
                  "cannot be combined with model.lora (LoRA freezes every weight and trains adapters "
                  "instead); set model.trainable_layers=null, or remove model.lora")
 
@@ -107,16 +108,16 @@ class DataConfig:
     cache_dir: str = ".cache/orpo_ds/tokenized"
 
     def __post_init__(self):
-        _require(bool(self.train), "data.train", "is empty; set it to a jsonl/json/parquet file, a saved "
+        require(bool(self.train), "data.train", "is empty; set it to a jsonl/json/parquet file, a saved "
                  "dataset folder or a hub name, e.g. data.train=data/pairs.jsonl")
-        _require(self.format in ("auto", "standard", "conversational", "sharegpt"), "data.format",
+        require(self.format in ("auto", "standard", "conversational", "sharegpt"), "data.format",
                  f"{self.format!r} is not one of auto, standard, conversational, sharegpt")
-        _require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
-        _require(self.truncation in ("prompt_left", "drop"), "data.truncation",
+        require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
+        require(self.truncation in ("prompt_left", "drop"), "data.truncation",
                  f"{self.truncation!r} is not one of prompt_left, drop")
-        _require(self.special_tokens_in_content in ("reject", "escape", "keep"), "data.special_tokens_in_content",
+        require(self.special_tokens_in_content in ("reject", "escape", "keep"), "data.special_tokens_in_content",
                  f"{self.special_tokens_in_content!r} is not one of reject, escape, keep")
-        _require(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
+        require(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,8 @@ class LossConfig:
     chunk_size: int | None = None
 
     def __post_init__(self):
-        _require(self.beta >= 0, "loss.beta", f"must be >= 0, got {self.beta}")
-        _require(self.chunk_size is None or self.chunk_size >= 1, "loss.chunk_size",
+        require(self.beta >= 0, "loss.beta", f"must be >= 0, got {self.beta}")
+        require(self.chunk_size is None or self.chunk_size >= 1, "loss.chunk_size",
                  f"must be >= 1 or null (auto), got {self.chunk_size}")
 
 
@@ -179,45 +180,45 @@ class TrainConfig:
     collective_timeout_s: float = 1800.0
 
     def __post_init__(self):
-        _require(bool(self.output_dir.strip()), "train.output_dir", "is empty; name a folder for this run, "
+        require(bool(self.output_dir.strip()), "train.output_dir", "is empty; name a folder for this run, "
                  "e.g. train.output_dir=runs/my-run")
         object.__setattr__(self, "output_dir", os.path.expanduser(self.output_dir))  # as data paths are
-        _require(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 seconds")
-        _require(0 <= self.seed < 2**32, "train.seed", f"must be in 0 .. 2**32 - 1 (numpy's range), got {self.seed}")
-        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(self.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule",
+        require(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0 seconds")
+        require(0 <= self.seed < 2**32, "train.seed", f"must be in 0 .. 2**32 - 1 (numpy's range), got {self.seed}")
+        require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.lr_schedule in ("cosine", "linear", "constant"), "train.lr_schedule",
                  f"{self.lr_schedule!r} is not one of cosine, linear, constant")
-        _require(self.optimizer in ("adamw", "sgd"), "train.optimizer",
+        require(self.optimizer in ("adamw", "sgd"), "train.optimizer",
                  f"{self.optimizer!r} is not one of adamw, sgd")
-        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-        _require(self.compare_train_pairs >= 0, "train.compare_train_pairs", "must be >= 0 (0: none)")
-        _require(self.sample_prompts >= 0, "train.sample_prompts", "must be >= 0 (0: none)")
-        _require(self.sample_new_tokens >= 1, "train.sample_new_tokens", "must be >= 1")
-        _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.max_steps >= 0, "train.max_steps", f"must be >= 0 (0 = run train.epochs), got {self.max_steps}")
-        _require(self.micro_batch_tokens >= 2, "train.micro_batch_tokens",
+        require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        require(self.compare_train_pairs >= 0, "train.compare_train_pairs", "must be >= 0 (0: none)")
+        require(self.sample_prompts >= 0, "train.sample_prompts", "must be >= 0 (0: none)")
+        require(self.sample_new_tokens >= 1, "train.sample_new_tokens", "must be >= 1")
+        require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        require(self.max_steps >= 0, "train.max_steps", f"must be >= 0 (0 = run train.epochs), got {self.max_steps}")
+        require(self.micro_batch_tokens >= 2, "train.micro_batch_tokens",
                  f"must be >= 2, got {self.micro_batch_tokens}")
-        _require(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
-        _require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
+        require(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
                  f"{self.precision!r} is not one of auto, bf16, fp32")
-        _require(self.eval_steps >= 0, "train.eval_steps", "must be >= 0")
-        _require(self.log_steps >= 1, "train.log_steps", "must be >= 1")
-        _require(self.save_steps >= 0, "train.save_steps", "must be >= 0 (0: save only at the end)")
-        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-        _require(bool(self.resume), "train.resume", "must be auto, false or a checkpoint path")
-        _require(self.resume_world_size_change in ("refuse", "allow"), "train.resume_world_size_change",
+        require(self.eval_steps >= 0, "train.eval_steps", "must be >= 0")
+        require(self.log_steps >= 1, "train.log_steps", "must be >= 1")
+        require(self.save_steps >= 0, "train.save_steps", "must be >= 0 (0: save only at the end)")
+        require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        require(bool(self.resume), "train.resume", "must be auto, false or a checkpoint path")
+        require(self.resume_world_size_change in ("refuse", "allow"), "train.resume_world_size_change",
                  f"{self.resume_world_size_change!r} is not one of refuse, allow")
-        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
-        _require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops",
+        require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+        require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops",
                  f"must be > 0 or null (use the table of known GPUs), got {self.peak_tflops}")
         for tracker in self.report_to:
-            _require(tracker in REPORT_TO, "train.report_to",
+            require(tracker in REPORT_TO, "train.report_to",
                      f"{tracker!r} is not one of {', '.join(REPORT_TO)} (a list, e.g. [tensorboard, wandb]; "
                      f"[] for none)")
-        _require(bool(self.wandb_project), "train.wandb_project", "is empty; name a W&B project")
-        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
+        require(bool(self.wandb_project), "train.wandb_project", "is empty; name a W&B project")
+        require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
                  f"must be two numbers in [0, 1), got {self.adam_betas}")
 
 
@@ -226,7 +227,7 @@ class DeepSpeedSection:
     config: str = "ds_configs/zero3.json"  # DeepSpeed JSON: engine settings only (ZeRO stage, offload, ...)
 
     def __post_init__(self):
-        _require(bool(self.config), "deepspeed.config", "is empty; name a file in ds_configs/, e.g. "
+        require(bool(self.config), "deepspeed.config", "is empty; name a file in ds_configs/, e.g. "
                  "deepspeed.config=ds_configs/zero3.json")
 
 
@@ -239,11 +240,11 @@ class Config:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
     def __post_init__(self):
-        _require(not self.train.share_prompt or self.model.attn_implementation in ("auto", "segmented_sdpa"),
+        require(not self.train.share_prompt or self.model.attn_implementation in ("auto", "segmented_sdpa"),
                  "model.attn_implementation",
                  f"{self.model.attn_implementation!r} cannot attend to a shared prompt; with train.share_prompt=true "
                  f"use auto or segmented_sdpa (or set train.share_prompt=false)")
-        _require(2 * self.data.max_length <= self.train.micro_batch_tokens,
+        require(2 * self.data.max_length <= self.train.micro_batch_tokens,
                  "train.micro_batch_tokens",
                  f"{self.train.micro_batch_tokens} cannot hold one pair of two sequences of up to "
                  f"data.max_length={self.data.max_length} tokens; set train.micro_batch_tokens >= "

@@ -140,7 +140,7 @@ def evaluate_model_dir(model_dir: str, data: str, *, max_length: int = 1024, mic
     from orpo_ds.attention import resolve_attn_implementation
     from orpo_ds.data import DataError, load_records, tokenize_pairs
     from orpo_ds.model import PolicyWithChunkedHead
-    from orpo_ds.model_files import check_max_length, read_model_config
+    from orpo_ds.model_files import check_max_length, pad_token_id, read_model_config
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -154,7 +154,7 @@ def evaluate_model_dir(model_dir: str, data: str, *, max_length: int = 1024, mic
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16 if on_gpu else torch.float32,
         attn_implementation=resolve_attn_implementation(attn_implementation)).to(device).eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     return evaluate_pairs(PolicyWithChunkedHead(model), pairs,
                           micro_batch_tokens=max(micro_batch_tokens, 2 * max_length), beta=beta,
                           nll_on_prompt=nll_on_prompt, pad_token_id=pad, device=device)

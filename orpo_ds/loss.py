@@ -1,4 +1,4 @@
-"""The ORPO objective (Hong et al. 2024, arXiv 2403.07691), exactly as DESIGN.md section 2 states it.
+"""The ORPO objective (Hong et al. 2024, arXiv 2403.07691), exactly as docs/objective.md states it.
 
 Pure tensors in, tensors out: no engine, no config object, no logging.
 

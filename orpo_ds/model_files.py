@@ -77,6 +77,11 @@ def load_tokenizer(cfg):
                           f"model folder ({str(exc).splitlines()[0]})") from exc
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS (many chat models define no pad)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 _SAMPLED_BYTES = 1 << 20  # of each weights file, from its start and its end: headers, shapes and some values
 
 

@@ -14,6 +14,7 @@ import torch
 
 from orpo_ds.attention import SEGMENTED_SDPA
 from orpo_ds.data import TokenizedPair
+from orpo_ds.model_files import pad_token_id
 
 PRINTED_CHARS = 400  # of each text, in the answers the end-of-run summary prints
 
@@ -43,7 +44,7 @@ def greedy_answers(causal_lm, tokenizer, prompts: list[tuple[int, ...]], *, new_
     """
     from transformers import GenerationConfig
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -2,7 +2,7 @@
 guard against non-finite losses, and the metrics record the step logs.
 
 The loss is normalised by the step's global NLL-token and pair counts, all-reduced before the first
-forward pass of the step (DESIGN.md section 2).
+forward pass of the step (docs/objective.md).
 """
 
 from __future__ import annotations

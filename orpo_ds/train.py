@@ -28,13 +28,19 @@ from orpo_ds.attention import resolve_attn_implementation
 from orpo_ds.batch import MicroBatch, micro_batches
 from orpo_ds.compare import compare_snapshots, comparison_report, seen_sample
 from orpo_ds.config import Config, ConfigError, dump_config
-from orpo_ds.data import DataError, TokenizedPair, duplicate_pairs, load_records, tokenize_pairs
+from orpo_ds.data import DataError, TokenizedPair, duplicate_pairs, tokenize_data_section
 from orpo_ds.evaluate import Evaluator
 from orpo_ds.export import export_trained
 from orpo_ds.flops import peak_flops
 from orpo_ds.metrics import MetricsLog, progress_bar
 from orpo_ds.model import PolicyWithChunkedHead, build_policy
-from orpo_ds.model_files import check_max_length, load_tokenizer, model_fingerprint, read_model_config
+from orpo_ds.model_files import (
+    check_max_length,
+    load_tokenizer,
+    model_fingerprint,
+    pad_token_id,
+    read_model_config,
+)
 from orpo_ds.packing import StepPlan, layout_for, plan_run, replan_run
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics, run_line
@@ -86,11 +92,7 @@ def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]
     for turn in ("main", "others"):
         if (turn == "main") == info.is_main:
             try:
-                records = load_records(source)
-                pairs, report = tokenize_pairs(records, tokenizer, max_length=d.max_length, fmt=d.format,
-                                               truncation=d.truncation, num_proc=d.num_proc,
-                                               special_tokens_in_content=d.special_tokens_in_content,
-                                               cache_dir=d.cache_dir, strict=d.strict, progress=info.is_main)
+                pairs, report = tokenize_data_section(source, tokenizer, d, progress=info.is_main)
                 if info.is_main:
                     print(f"[data] {source}: {report.summary()}", flush=True)
             except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
@@ -232,7 +234,7 @@ def start_run(cfg: Config) -> Run:
                      "data.max_length")
     resolve_attn_implementation(cfg.model.attn_implementation, share_prompt=t.share_prompt)  # refuse early
     tokenizer = load_tokenizer(cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)
     eval_pairs = load_pairs(cfg.data.eval, tokenizer, cfg, info) if cfg.data.eval else []
     layout = layout_for(t.share_prompt)

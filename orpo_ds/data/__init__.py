@@ -30,11 +30,17 @@ from orpo_ds.data.errors import DataError
 from orpo_ds.data.formats import FORMATS, format_of
 from orpo_ds.data.io import LOAD_ERROR_COLUMN, load_records
 from orpo_ds.data.pairs import TokenizedPair, duplicate_pairs
-from orpo_ds.data.tokenize import SPECIAL_TOKEN_POLICIES, TRUNCATION_POLICIES, tokenize_pairs, truncate_pair
+from orpo_ds.data.tokenize import (
+    SPECIAL_TOKEN_POLICIES,
+    TRUNCATION_POLICIES,
+    tokenize_data_section,
+    tokenize_pairs,
+    truncate_pair,
+)
 from orpo_ds.data.validate import DropReport
 
 __all__ = [
     "FORMATS", "TRUNCATION_POLICIES", "SPECIAL_TOKEN_POLICIES", "CACHE_VERSION", "LOAD_ERROR_COLUMN", "DataError",
     "DropReport", "TokenizedPair", "load_records", "format_of", "tokenize_pairs", "truncate_pair",
-    "tokenizer_identity", "duplicate_pairs",
+    "tokenizer_identity", "duplicate_pairs", "tokenize_data_section",
 ]

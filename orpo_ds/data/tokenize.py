@@ -351,3 +351,14 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, fmt: str = "auto", tr
                                                    if more else "") + "; strict mode stops on any unusable row",
                         row=row, reason=reason)
     return pairs, report
+
+
+def tokenize_data_section(source: str, tokenizer, data, *, progress: bool) -> tuple[list[TokenizedPair], DropReport]:
+    """Load ``source`` and tokenize it with every setting of ``data`` (a :class:`orpo_ds.config.DataConfig`),
+    as training and the planner do."""
+    from orpo_ds.data.io import load_records
+
+    return tokenize_pairs(load_records(source), tokenizer, max_length=data.max_length, fmt=data.format,
+                          truncation=data.truncation, num_proc=data.num_proc,
+                          special_tokens_in_content=data.special_tokens_in_content, cache_dir=data.cache_dir,
+                          strict=data.strict, progress=progress)

@@ -1,7 +1,8 @@
 """Bytes one GPU holds during an orpo-ds step, term by term.
 
 Model states (parameters, gradients, optimizer) follow what DeepSpeed 0.19 allocates, checked against
-the engine's own tensors (:meth:`orpo_ds.engine.Engine.state_bytes`, tests/distributed/test_plan_states.py):
+the engine's own tensors (:meth:`orpo_ds.engine.Engine.state_bytes`; the state-bytes tests of
+tests/distributed/test_trainer.py):
 
 =========  ===============================  ==================================================
 stage      parameters / gradients            optimizer (fp32 master + AdamW's two moments)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from orpo_ds.config import Config, ConfigError
+from orpo_ds.config import Config, ConfigError, require
 from orpo_ds.ds_config import ZeroSetup, build_ds_config, read_ds_config
 from orpo_ds.flops import BF16_PEAK_FLOPS
 from orpo_ds.plan import memory, rows, timing
@@ -47,8 +47,8 @@ class Cluster:
     def of(cls, gpu: str = "H100", *, nodes: int = 1, gpus_per_node: int = 8, memory_gib: float | None = None,
            bandwidth_gbs: float | None = None) -> Cluster:
         """``gpu`` is a known name (H100, H200, A100) or a bf16 peak in TFLOP/s (then give ``memory_gib``)."""
-        _require(nodes >= 1, "--nodes", f"must be >= 1, got {nodes}")
-        _require(gpus_per_node >= 1, "--gpus-per-node", f"must be >= 1, got {gpus_per_node}")
+        require(nodes >= 1, "--nodes", f"must be >= 1, got {nodes}")
+        require(gpus_per_node >= 1, "--gpus-per-node", f"must be >= 1, got {gpus_per_node}")
         name = next((n for n in BF16_PEAK_FLOPS if n.lower() == gpu.strip().lower()), None)
         if name is not None:
             peak, memory_gib = BF16_PEAK_FLOPS[name], memory_gib or GPU_MEMORY_GIB[name]
@@ -58,19 +58,14 @@ class Cluster:
             except ValueError:
                 raise ConfigError(f"--gpu: {gpu!r} is neither a known GPU ({', '.join(BF16_PEAK_FLOPS)}) nor a "
                                   f"bf16 peak in TFLOP/s") from None
-            _require(peak > 0, "--gpu", f"a peak must be > 0 TFLOP/s, got {gpu}")
-            _require(memory_gib is not None, "--gpu-memory-gb", f"is needed with --gpu {gpu} (no known GPU)")
+            require(peak > 0, "--gpu", f"a peak must be > 0 TFLOP/s, got {gpu}")
+            require(memory_gib is not None, "--gpu-memory-gb", f"is needed with --gpu {gpu} (no known GPU)")
             name = f"{gpu} TFLOP/s"
-        _require(memory_gib > 0, "--gpu-memory-gb", f"must be > 0, got {memory_gib}")
+        require(memory_gib > 0, "--gpu-memory-gb", f"must be > 0, got {memory_gib}")
         bandwidth = bandwidth_gbs or DEFAULT_BANDWIDTH_GBS["one node" if nodes == 1 else "several nodes"]
-        _require(bandwidth > 0, "--bandwidth-gbs", f"must be > 0, got {bandwidth}")
+        require(bandwidth > 0, "--bandwidth-gbs", f"must be > 0, got {bandwidth}")
         return cls(nodes=nodes, gpus_per_node=gpus_per_node, gpu_name=name, memory_bytes=int(memory_gib * GIB),
                    peak_flops=peak, bandwidth_bytes_s=bandwidth * 1e9)
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
 
 
 @dataclass(frozen=True)
@@ -201,8 +196,8 @@ class Plan:
 def make_plan(cfg: Config, cluster: Cluster, *, mfu: float | None = None,
               reserve_gib: float = DEFAULT_RESERVE_GIB) -> Plan:
     """The plan of ``cfg`` on ``cluster`` (bf16 unless ``train.precision=fp32``: the GPU default)."""
-    _require(mfu is None or 0 < mfu <= 1, "--mfu", f"must be in (0, 1], got {mfu}")
-    _require(reserve_gib >= 0, "--reserve-gb", f"must be >= 0, got {reserve_gib}")
+    require(mfu is None or 0 < mfu <= 1, "--mfu", f"must be in (0, 1], got {mfu}")
+    require(reserve_gib >= 0, "--reserve-gb", f"must be >= 0, got {reserve_gib}")
     import torch
 
     dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16

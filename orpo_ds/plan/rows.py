@@ -39,14 +39,11 @@ class RowStats:
 
 def from_data(cfg: Config, model_config, ranks: int) -> RowStats:
     """Tokenize (or read the tokenized cache of) ``data.train`` and pack epoch 0 exactly as training would."""
-    from orpo_ds.data import load_records, tokenize_pairs
+    from orpo_ds.data import tokenize_data_section
     from orpo_ds.model_files import load_tokenizer
 
     d, t = cfg.data, cfg.train
-    pairs, _ = tokenize_pairs(load_records(d.train), load_tokenizer(cfg), max_length=d.max_length, fmt=d.format,
-                              truncation=d.truncation, num_proc=d.num_proc,
-                              special_tokens_in_content=d.special_tokens_in_content, cache_dir=d.cache_dir,
-                              strict=d.strict, progress=True)
+    pairs, _ = tokenize_data_section(d.train, load_tokenizer(cfg), d, progress=True)
     layout = layout_for(t.share_prompt)
     steps = plan_epoch(pairs, t.micro_batch_tokens, ranks, t.grad_accum, seed=t.seed, epoch=0, layout=layout)
     row_tokens = [sum(layout.num_tokens(pairs[i]) for i in row) for s in steps for row in s.filled_rows()]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from orpo_ds.checkpoint import LATEST, STATE_FILE, ResumeError, find_checkpoint, logged_evals, resolve_resume
+from orpo_ds.checkpoint import LATEST, STATE_FILE, ResumeError, find_checkpoint, resolve_resume
 
 
 def _ckpt(root, step):
@@ -32,13 +32,3 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert resolve_resume("auto", tmp_path) is None  # a fresh start, not an error
     with pytest.raises(ResumeError, match="no complete orpo-ds checkpoint"):
         resolve_resume(str(tmp_path), tmp_path)
-
-
-def test_a_checkpoint_from_before_the_state_held_eval_figures_takes_them_from_the_log(tmp_path):
-    log = tmp_path / "metrics.jsonl"
-    log.write_text('{"step": 0, "eval/loss": 2.0}\n{"step": 1, "loss": 1.5}\n{"step": 2, "loss": 1.4}\n'
-                   '{"step": 2, "eval/loss": 1.8}\n{"step": 3, "loss": 1.3}\n')
-    assert logged_evals(log, 2) == {"eval_before": {"step": 0, "eval/loss": 2.0},
-                                    "eval_after": {"step": 2, "eval/loss": 1.8}}
-    assert logged_evals(log, 3)["eval_after"] is None  # no eval at that step: the run evaluates at its end
-    assert logged_evals(tmp_path / "missing.jsonl", 2) == {"eval_before": None, "eval_after": None}

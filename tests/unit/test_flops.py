@@ -55,3 +55,22 @@ def test_peak_comes_from_the_override_or_the_table_and_never_for_the_cpu():
     assert peak_flops("NVIDIA H200", None) == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB", None) == 312e12
     assert peak_flops("NVIDIA H100 80GB HBM3", 500.0) == 500e12
     assert peak_flops(None, None) is None and peak_flops("Some Future GPU", None) is None
+
+
+def test_attention_term_is_half_of_an_independent_count_of_full_attention():
+    """The attention term, checked against torch's own count rather than its own formula: eager attention
+    on each sequence alone runs QK^T and AV as ``bmm`` over the full ``[s, s]`` score matrix, 12 * d * s^2
+    FLOPs per layer for forward + backward. ``step_flops`` counts the causal half that flash-attention
+    does, so it must be exactly half of the counted figure, for any lengths."""
+    model = _model()
+    model.config._attn_implementation = "eager"
+    cfg, lengths = model.config, [5, 9, 14, 1]
+    counted = 0
+    for s in lengths:
+        ids = torch.randint(3, V, (1, s))
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids, use_cache=False).logits.sum().backward()
+        counts = counter.get_flop_counts()["Global"]
+        counted += sum(v for op, v in counts.items() if op.__name__.split(".")[0] == "bmm")
+    attention_term = step_flops(cfg, lengths, 0) - 6 * decoder_matmul_params(cfg) * sum(lengths)
+    assert counted > 0 and attention_term * 2 == counted

@@ -47,7 +47,7 @@ def _step(root, step, *, payload="x"):
 def _state(step=0, **fields):
     base = dict(step=step, epoch=0, world_size=2, grad_accum=1, micro_batch_tokens=256, seed=0, num_pairs=10,
                 model="m", config={}, data_fingerprint="aaa", max_length=64, truncation="prompt_left",
-                tokenizer_sha256="tok")
+                tokenizer_sha256="tok", zero_stage=3, model_fingerprint="fp")
     base.update(fields)
     return ckpt.TrainerState(**base)
 
@@ -193,8 +193,6 @@ def test_resume_refuses_changed_data_tokenizer_and_truncation():
                           (dict(config={"train": {"share_prompt": True}}), "train.share_prompt false -> true")):
         with pytest.raises(ckpt.ResumeError, match=words):
             ckpt.check_compatible(old, _state(**change), ckpt=None)
-    legacy = _state(data_fingerprint=None, max_length=None, truncation=None, tokenizer_sha256=None)
-    ckpt.check_compatible(legacy, _state(data_fingerprint="ccc"), ckpt=None)  # older checkpoints: pair count only
 
 
 def test_pairs_fingerprint_sees_swapped_responses():
