@@ -7,7 +7,7 @@
 # One rank on one node (no HOSTFILE, GPUS_PER_NODE=1) runs `$PYTHON -m orpo_ds train ...` itself, without the
 # launcher: the launcher would only start that one process, behind its own runner and launch processes
 # (~480 MB of resident memory and ~10 s here, benchmarks/RESULTS.md). The trainer then makes its world of one
-# (orpo_ds/engine.py init_distributed); preemption, resume and exit codes are the same.
+# (orpo_ds/distributed.py init_distributed); preemption, resume and exit codes are the same.
 #   HOSTFILE=hosts.txt launch/deepspeed.sh                     # lines "host slots=8"; pdsh/ssh to each
 #
 # Environment (all optional):

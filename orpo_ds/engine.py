@@ -1,19 +1,15 @@
-"""The runtime: process group, ZeRO-3 model loading, the engine facade, gathers, collectives, and the
-universal-checkpoint conversion.
+"""The engine: ZeRO-3 model loading, the optimizer and its schedule, the :class:`Engine` facade over
+DeepSpeed's engine, consolidation of ZeRO shards, and the universal-checkpoint conversion.
 
-With :mod:`orpo_ds.ds_config` (the DeepSpeed JSON), this is the only module that imports deepspeed (an
-import-linter contract in pyproject.toml holds the package to it). The rest of orpo-ds sees plain
-``nn.Module`` objects, tensors and the small :class:`Engine` facade below.
+With :mod:`orpo_ds.distributed` (the process group) and :mod:`orpo_ds.ds_config` (the DeepSpeed JSON), the
+only modules that import deepspeed (an import-linter contract in pyproject.toml holds the package to it).
+The rest of orpo-ds sees plain ``nn.Module`` objects, tensors and the small :class:`Engine` facade.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import socket
 from contextlib import nullcontext
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,100 +17,8 @@ import torch
 import torch.distributed as dist
 
 from orpo_ds.config import TrainConfig
+from orpo_ds.distributed import DistInfo
 from orpo_ds.ds_config import ZeroSetup, zero_stage
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.type == "cuda"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _adopt_slurm_environment() -> None:
-    """``srun python -m orpo_ds ...`` without a launcher: map SLURM's task ids onto torch's variables."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in os.environ:
-        raise RuntimeError("srun without a launcher: set MASTER_ADDR and MASTER_PORT (launch/orpo.sbatch "
-                           "derives them from the allocation)")
-
-
-def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
-    """Join (or create) the process group: gloo on CPU, nccl on CUDA. Works under the deepspeed launcher,
-    torchrun, srun (SLURM_PROCID -> RANK) and as a plain single process. ``timeout_s``
-    (``train.collective_timeout_s``) bounds how long a collective waits for a rank that died or hangs."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    _adopt_slurm_environment()
-    if "RANK" not in os.environ:  # plain `python -m orpo_ds train`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    accelerator = get_accelerator()
-    on_gpu = accelerator.device_name() == "cuda"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
-        if not on_gpu:
-            release_cpu_comm_buffer_name()
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
-                    device=device)
-
-
-def cpu_comm_buffer_path(rank: int) -> Path:
-    """Where DeepSpeed's CPU shared-memory collectives keep ``rank``'s 69 MB buffer (its naming, in
-    ``csrc/cpu/comm/shm.cpp``: uid, MASTER_ADDR, MASTER_PORT, rank)."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                               f"{os.environ.get('MASTER_PORT')}_{rank}")
-
-
-def release_cpu_comm_buffer_name() -> None:
-    """Unlink this rank's shared-memory buffer name once every rank has mapped every buffer.
-
-    DeepSpeed 0.19.8 never unlinks them, so each CPU run on a new port leaves 69 MB per rank in
-    /dev/shm (RAM) for good; a few hundred runs filled 15 GB of this machine's 24 and the kernel OOM-killed
-    the next training. The mappings outlive the name, so the run itself is unaffected, and a run killed
-    later (SIGKILL, OOM) leaves nothing behind either.
-    """
-    barrier()  # every rank's init has opened all the others' buffers by now
-    try:
-        cpu_comm_buffer_path(dist.get_rank()).unlink()
-    except FileNotFoundError:
-        pass  # no shm op (not built, or ranks on several hosts): nothing was created
-
-
-def build_cpu_comm_op() -> None:
-    """JIT-build DeepSpeed's CPU shared-memory collectives op into TORCH_EXTENSIONS_DIR (about 100 s the
-    first time, then loaded from there). Doing it once up front keeps every later multi-process launch
-    from spending that time, or racing to build it, inside its own time limit."""
-    from deepspeed.comm.torch import build_shm_op
-
-    build_shm_op()
 
 
 def resolve_dtype(t: TrainConfig, info: DistInfo) -> torch.dtype:
@@ -122,7 +26,6 @@ def resolve_dtype(t: TrainConfig, info: DistInfo) -> torch.dtype:
     if t.precision == "auto":
         return torch.bfloat16 if info.on_gpu else torch.float32
     return torch.bfloat16 if t.precision == "bf16" else torch.float32
-
 
 def load_pretrained(loader: Callable[[], torch.nn.Module], ds_config: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     """Run ``loader`` (a ``from_pretrained`` call) so that ZeRO-3 partitions the weights while loading.
@@ -137,7 +40,6 @@ def load_pretrained(loader: Callable[[], torch.nn.Module], ds_config: dict[str, 
         keepalive = HfDeepSpeedConfig(ds_config)
     return loader(), keepalive
 
-
 def register_external_parameter(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
     """Tell ZeRO-3 that ``module``'s forward reads ``param`` although another module owns it, so the
     engine gathers it for that forward and its backward (the chunked head reads ``lm_head.weight``)."""
@@ -145,7 +47,6 @@ def register_external_parameter(module: torch.nn.Module, param: torch.nn.Paramet
 
     if hasattr(param, "ds_id"):
         deepspeed.zero.register_external_parameter(module, param)
-
 
 def make_optimizer(module: torch.nn.Module, t: TrainConfig, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
     """AdamW (fused), DeepSpeedCPUAdam when the JSON offloads the optimizer, or SGD, over the trainable
@@ -160,7 +61,6 @@ def make_optimizer(module: torch.nn.Module, t: TrainConfig, ds_config: dict[str,
     # The fused kernel (CPU and CUDA): on the CPU the default loop is ~5x slower, ~0.4 s of each 2-rank
     # ZeRO-3 step for SmolLM2-135M (benchmarks/bench_optimizer.py).
     return torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay, fused=True)
-
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig,
                      total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -179,7 +79,6 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig,
         return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
 
 def adopt_schedule(schedule: torch.optim.lr_scheduler.LambdaLR, t: TrainConfig) -> None:
     """After a checkpoint's optimizer and schedule states were loaded into ``schedule``'s optimizer: run
@@ -202,7 +101,6 @@ def adopt_schedule(schedule: torch.optim.lr_scheduler.LambdaLR, t: TrainConfig) 
     for group, rate in zip(groups, rates, strict=True):
         group["lr"] = rate
     schedule._last_lr = rates
-
 
 class Engine:
     """A thin facade over ``deepspeed.DeepSpeedEngine``: forward, backward, step, and what we read back."""
@@ -360,10 +258,8 @@ class Engine:
                     state[name] = tensor.detach().to("cpu", copy=True)
         return state if rank0 else None
 
-
 def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
 
 def consolidate_zero_checkpoint(ds_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict from a saved DeepSpeed checkpoint of any ZeRO stage, on the CPU: shards are
@@ -380,47 +276,6 @@ def consolidate_zero_checkpoint(ds_dir: Path) -> dict[str, torch.Tensor]:
         module = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
-
-
-def comm_device() -> torch.device:
-    """Where this rank's collectives run: the accelerator's current device. NCCL has no backend for CPU
-    tensors, so a collective on a CPU tensor fails on the first multi-GPU step."""
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over ranks, on :func:`comm_device`; returns a new tensor there.
-
-    Whenever a process group exists the sum goes through it, a world of one included, so that a one-GPU
-    check exercises the same backend and device placement as a cluster run.
-    """
-    out = values.detach().to(comm_device(), copy=True)
-    if dist.is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
-def host_values(values: torch.Tensor) -> list[float]:
-    """One device-to-host read of a small tensor (a host synchronisation on an accelerator)."""
-    return values.tolist()
-
-
-def reduce_to_host(values: torch.Tensor) -> list[float]:
-    """:func:`all_reduce_sum`, then one host read: the numbers every rank agrees on."""
-    return host_values(all_reduce_sum(values))
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
 
 def convert_to_universal(zero_folder: Path, out_folder: Path) -> None:
     """DeepSpeed's ``ds_to_universal`` on a ZeRO-3 checkpoint folder (its ``state`` tag): every

@@ -14,7 +14,7 @@ import torch
 from orpo_ds.batch import micro_batch_pair_stats, micro_batches
 from orpo_ds.compare import HELD_OUT, SEEN
 from orpo_ds.data import TokenizedPair
-from orpo_ds.engine import reduce_to_host
+from orpo_ds.distributed import reduce_to_host
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.metrics import progress_bar
 from orpo_ds.packing import DEFAULT_LAYOUT, PairLayout, plan_epoch

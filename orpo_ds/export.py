@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from orpo_ds import distributed as dist_lib
 from orpo_ds import engine as eng_lib
 from orpo_ds import lora as lora_lib
 from orpo_ds.checkpoint import ResumeError, find_checkpoint, output_dir_of, read_state, verify_files
@@ -30,7 +31,7 @@ def export_trained(engine, policy: PolicyWithChunkedHead, tokenizer, out_dir: Pa
         tokenizer.save_pretrained(tmp)
         mark_export(tmp)
         replace_dir(tmp, out_dir)
-    eng_lib.barrier()
+    dist_lib.barrier()
     return out_dir
 
 

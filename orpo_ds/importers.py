@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import yaml
 
-from orpo_ds.config import SECTIONS, Config, ConfigError, config_from_dict, load_yaml
+from orpo_ds.config import SECTIONS, Config, ConfigError, config_from_dict
+from orpo_ds.config_text import load_yaml
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
 ATTENTION = {"flash_attention_2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from orpo_ds import attention
+from orpo_ds import distributed as dist_lib
 from orpo_ds import engine as eng_lib
 from orpo_ds import liger as liger_lib
 from orpo_ds import lora as lora_lib
@@ -135,9 +136,9 @@ def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_s
         # Liger is decided from the config, before the weights load: an impossible model.liger_kernels=on
         # fails in seconds rather than after the load.
         config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
-        liger = liger_lib.resolve(m.liger_kernels, config, device_type=eng_lib.comm_device().type,
+        liger = liger_lib.resolve(m.liger_kernels, config, device_type=dist_lib.comm_device().type,
                                   logit_scale=final_logit_scale(config))
-        quantization = lora_lib.quantization_config(m.lora, on_gpu=eng_lib.comm_device().type == "cuda",
+        quantization = lora_lib.quantization_config(m.lora, on_gpu=dist_lib.comm_device().type == "cuda",
                                                     zero_stage=zero_stage(ds_config), dtype=dtype)
         model, keepalive = eng_lib.load_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
             m.name_or_path, dtype=dtype, attn_implementation=attn, trust_remote_code=m.trust_remote_code,

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from orpo_ds import engine as eng_lib
+from orpo_ds import distributed as dist_lib
 from orpo_ds.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 
@@ -49,7 +49,7 @@ class PreemptionSignal:
     def requested(self) -> int | None:
         """The exit code to stop with after this step (the same on every rank), or None to go on.
         A SIGTERM/SIGUSR1 on any rank wins over a Ctrl-C: it is the scheduler asking for a requeue."""
-        terminate, interrupt = eng_lib.reduce_to_host(torch.tensor([float(self._terminate), float(self._interrupt)]))
+        terminate, interrupt = dist_lib.reduce_to_host(torch.tensor([float(self._terminate), float(self._interrupt)]))
         if terminate:
             return EXIT_PREEMPTED
         return EXIT_INTERRUPTED if interrupt else None

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from orpo_ds import engine as eng_lib
+from orpo_ds import distributed as dist_lib
 from orpo_ds.batch import MicroBatch, micro_batch_loss
 from orpo_ds.data import TokenizedPair
 from orpo_ds.flops import step_flops, step_shape
@@ -50,7 +50,7 @@ def train_step(engine, mbs: list[MicroBatch], *, beta: float) -> StepStats:
     are kept out of the update by the engine's guard (:meth:`orpo_ds.engine.Engine.step` returns False).
     """
     counts = torch.tensor([sum(mb.num_pairs for mb in mbs), sum(mb.num_nll_tokens for mb in mbs)], dtype=torch.float64)
-    global_pairs, global_nll_tokens = (max(int(v), 1) for v in eng_lib.reduce_to_host(counts))
+    global_pairs, global_nll_tokens = (max(int(v), 1) for v in dist_lib.reduce_to_host(counts))
     device = mbs[0].input_ids.device
     sums = torch.zeros(len(STAT_KEYS) + 2, dtype=torch.float64, device=device)  # stats, tokens, non-finite
     finite_flags, applied = [], False
@@ -65,10 +65,10 @@ def train_step(engine, mbs: list[MicroBatch], *, beta: float) -> StepStats:
             sums[: len(STAT_KEYS)] += torch.stack([stats[k] for k in STAT_KEYS]).double()
         sums[-2] += mb.num_tokens
         sums[-1] += (~finite).double()
-    totals = eng_lib.reduce_to_host(sums)
+    totals = dist_lib.reduce_to_host(sums)
     bad_pairs = []
     if totals[-1]:  # rare: a host read per micro-batch only to name the pairs
-        bad_pairs = [i for mb, ok in zip(mbs, eng_lib.host_values(torch.stack(finite_flags)), strict=True) if not ok
+        bad_pairs = [i for mb, ok in zip(mbs, dist_lib.host_values(torch.stack(finite_flags)), strict=True) if not ok
                      for i in mb.pair_ids.tolist()]
     return StepStats(sums=dict(zip(STAT_KEYS, totals[: len(STAT_KEYS)], strict=True)), tokens=totals[-2],
                      nonfinite_losses=int(totals[-1]), applied=applied, nonfinite_pair_ids=bad_pairs)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from orpo_ds import checkpoint as ckpt_lib
+from orpo_ds import distributed as dist_lib
 from orpo_ds import ds_config as ds_lib
 from orpo_ds import engine as eng_lib
 from orpo_ds import tracking
@@ -61,7 +62,7 @@ def seed_everything(seed: int) -> None:
 def raise_if_any_rank_failed(error: Exception | None, elsewhere: Exception) -> None:
     """Collective: re-raise ``error`` on the rank that hit it and ``elsewhere`` on every other rank, so a
     failure on one rank ends the job with its message instead of leaving the others blocked."""
-    (failed,) = eng_lib.reduce_to_host(torch.tensor([float(error is not None)]))
+    (failed,) = dist_lib.reduce_to_host(torch.tensor([float(error is not None)]))
     if failed:
         raise error or elsewhere
 
@@ -141,7 +142,7 @@ def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: 
                 ckpt_lib.clear_run_state(out_dir)
             log.start_fresh()
         atomic_write(out_dir / RUN_CONFIG, dump_config(cfg))
-    eng_lib.barrier()
+    dist_lib.barrier()
     return resume_from
 
 
@@ -194,7 +195,7 @@ class Run:
     """What the loop works with, built by :func:`start_run`."""
 
     cfg: Config
-    info: eng_lib.DistInfo
+    info: dist_lib.DistInfo
     steps: list[StepPlan]
     train_pairs: list[TokenizedPair]
     pad_token_id: int
@@ -219,7 +220,7 @@ def start_run(cfg: Config) -> Run:
     """Join the process group and build the run: the folder lock and the export target are checked
     first, then the config, tokenizer and data, then the output folder's resume state, and only then
     are the model and engine built and a checkpoint loaded."""
-    t, info = cfg.train, eng_lib.init_distributed(cfg.train.collective_timeout_s)
+    t, info = cfg.train, dist_lib.init_distributed(cfg.train.collective_timeout_s)
     seed_everything(t.seed)
     out_dir = Path(t.output_dir)
     lock = lock_output_dir(out_dir, info)
@@ -295,7 +296,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     finally:
         # Also when start-up or a step raises (a strict data error, say): gloo's threads still alive at
         # interpreter exit can abort the process with SIGABRT instead of its documented exit code.
-        eng_lib.shutdown()
+        dist_lib.shutdown()
 
 
 def _train(cfg: Config) -> dict[str, Any]:
@@ -367,7 +368,7 @@ def finish_run(run: Run, state: ckpt_lib.TrainerState, summary: dict[str, Any]) 
         answers = f"\n{samples_markdown(**samples, limit=PRINTED_CHARS)}" if all(answers) else ""
         print(f"\n{comparison or before_after_table(summary)}\n{answers}\n{run_line(summary)}\n"
               f"curves: {summary['plot']}\n[engine] rank 0 holds {held}", flush=True)
-    eng_lib.barrier()
+    dist_lib.barrier()
     run.engine.close()
     run.log.trackers.close()
     run.lock.release()

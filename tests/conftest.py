@@ -20,7 +20,7 @@ def pytest_sessionstart(session):
     import torch
 
     if not torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cpu":
-        from orpo_ds.engine import build_cpu_comm_op
+        from orpo_ds.distributed import build_cpu_comm_op
 
         build_cpu_comm_op()
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from orpo_ds import engine as eng_lib
+from orpo_ds import distributed as dist_lib
 from orpo_ds.batch import prepare_micro_batch
 from orpo_ds.data import TokenizedPair
 from orpo_ds.evaluate import evaluate_pairs
@@ -62,12 +62,12 @@ def on_meta_rank(monkeypatch):
             raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
         calls.append(tuple(tensor.shape))
 
-    monkeypatch.setattr(eng_lib, "comm_device", lambda: META)
+    monkeypatch.setattr(dist_lib, "comm_device", lambda: META)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     # A meta tensor holds no numbers; the host read returns zeros of its shape, which the loop accepts.
-    monkeypatch.setattr(eng_lib, "host_values", lambda t: [0.0] * t.numel(), raising=False)
+    monkeypatch.setattr(dist_lib, "host_values", lambda t: [0.0] * t.numel(), raising=False)
     return calls
 
 
@@ -97,5 +97,5 @@ def test_the_loops_collectives_only_see_tensors_on_the_ranks_device(on_meta_rank
 
 def test_a_world_of_one_still_goes_through_the_process_group(on_meta_rank, monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
-    eng_lib.reduce_to_host(torch.ones(3))
+    dist_lib.reduce_to_host(torch.ones(3))
     assert on_meta_rank == [(3,)]

@@ -1,0 +1,137 @@
+"""The process group: joining it under every launcher (the deepspeed launcher, torchrun, srun, one plain
+process), the rank's device, and the few collectives the loop runs, each on that device (NCCL has no CPU
+backend). Runtime layer: with :mod:`orpo_ds.engine` and :mod:`orpo_ds.ds_config`, the only modules that
+import deepspeed or torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def _adopt_slurm_environment() -> None:
+    """``srun python -m orpo_ds ...`` without a launcher: map SLURM's task ids onto torch's variables."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("srun without a launcher: set MASTER_ADDR and MASTER_PORT (launch/orpo.sbatch "
+                           "derives them from the allocation)")
+
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+    """Join (or create) the process group: gloo on CPU, nccl on CUDA. Works under the deepspeed launcher,
+    torchrun, srun (SLURM_PROCID -> RANK) and as a plain single process. ``timeout_s``
+    (``train.collective_timeout_s``) bounds how long a collective waits for a rank that died or hangs."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    _adopt_slurm_environment()
+    if "RANK" not in os.environ:  # plain `python -m orpo_ds train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accelerator = get_accelerator()
+    on_gpu = accelerator.device_name() == "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+        if not on_gpu:
+            release_cpu_comm_buffer_name()
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
+                    device=device)
+
+def cpu_comm_buffer_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU shared-memory collectives keep ``rank``'s 69 MB buffer (its naming, in
+    ``csrc/cpu/comm/shm.cpp``: uid, MASTER_ADDR, MASTER_PORT, rank)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                               f"{os.environ.get('MASTER_PORT')}_{rank}")
+
+def release_cpu_comm_buffer_name() -> None:
+    """Unlink this rank's shared-memory buffer name once every rank has mapped every buffer.
+
+    DeepSpeed 0.19.8 never unlinks them, so each CPU run on a new port leaves 69 MB per rank in
+    /dev/shm (RAM) for good; a few hundred runs filled 15 GB of this machine's 24 and the kernel OOM-killed
+    the next training. The mappings outlive the name, so the run itself is unaffected, and a run killed
+    later (SIGKILL, OOM) leaves nothing behind either.
+    """
+    barrier()  # every rank's init has opened all the others' buffers by now
+    try:
+        cpu_comm_buffer_path(dist.get_rank()).unlink()
+    except FileNotFoundError:
+        pass  # no shm op (not built, or ranks on several hosts): nothing was created
+
+def build_cpu_comm_op() -> None:
+    """JIT-build DeepSpeed's CPU shared-memory collectives op into TORCH_EXTENSIONS_DIR (about 100 s the
+    first time, then loaded from there). Doing it once up front keeps every later multi-process launch
+    from spending that time, or racing to build it, inside its own time limit."""
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+def comm_device() -> torch.device:
+    """Where this rank's collectives run: the accelerator's current device. NCCL has no backend for CPU
+    tensors, so a collective on a CPU tensor fails on the first multi-GPU step."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks, on :func:`comm_device`; returns a new tensor there.
+
+    Whenever a process group exists the sum goes through it, a world of one included, so that a one-GPU
+    check exercises the same backend and device placement as a cluster run.
+    """
+    out = values.detach().to(comm_device(), copy=True)
+    if dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+def host_values(values: torch.Tensor) -> list[float]:
+    """One device-to-host read of a small tensor (a host synchronisation on an accelerator)."""
+    return values.tolist()
+
+def reduce_to_host(values: torch.Tensor) -> list[float]:
+    """:func:`all_reduce_sum`, then one host read: the numbers every rank agrees on."""
+    return host_values(all_reduce_sum(values))
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
