@@ -1,4 +1,4 @@
-"""The README's capacity table: `orpo-ds plan` for Llama-3-8B, Llama-3-70B and Qwen2.5-72B shapes on
+"""The capacity table of docs/planning.md: `orpo-ds plan` for Llama-3-8B, Llama-3-70B and Qwen2.5-72B shapes on
 8-512 GPUs of 80 GB, next to DeepSpeed's own ZeRO-3 estimator.
 
     python benchmarks/plan_table.py                  # markdown table on stdout
