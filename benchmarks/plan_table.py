@@ -16,7 +16,6 @@ import argparse
 from orpo_ds.config import load_config
 from orpo_ds.plan import Cluster, make_plan
 from orpo_ds.plan.planner import GIB
-from orpo_ds.plan.shapes import PRESETS
 
 
 def deepspeed_estimate(plan) -> int:
@@ -37,7 +36,7 @@ def main() -> None:
     p.add_argument("--config", default="configs/demo.yaml", help="base config; model and row settings replaced")
     args = p.parse_args()
     rows = []
-    for name in PRESETS:
+    for name in ("llama-3-8b", "llama-3-70b", "qwen2.5-72b"):
         for gpus in args.gpus:
             cfg = load_config(args.config, [f"model.name_or_path={name}", "model.trainable_layers=null",
                                             "model.gradient_checkpointing=true", f"data.max_length={args.max_length}",

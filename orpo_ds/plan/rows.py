@@ -9,7 +9,7 @@ from pathlib import Path
 from orpo_ds.config import Config
 from orpo_ds.flops import step_flops, step_shape
 from orpo_ds.packing import layout_for, plan_epoch
-from orpo_ds.plan.shapes import PRESETS
+from orpo_ds.plan.shapes import preset_of
 
 # Without data: the share of a row's tokens that reach the head (response tokens). ORPO pairs in the
 # public sets (UltraFeedback, Capybara) put about half of their tokens in the responses.
@@ -72,6 +72,6 @@ def assumed(cfg: Config, model_config, ranks: int) -> RowStats:
 
 def row_stats(cfg: Config, model_config, ranks: int) -> RowStats:
     """From the data when it exists and the model names a tokenizer (a folder or hub name, not a preset)."""
-    if Path(cfg.data.train).is_file() and cfg.model.name_or_path.lower() not in PRESETS:
+    if Path(cfg.data.train).is_file() and preset_of(cfg.model.name_or_path) is None:
         return from_data(cfg, model_config, ranks)
     return assumed(cfg, model_config, ranks)

@@ -27,7 +27,21 @@ PRESETS: dict[str, dict] = {
     "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, intermediate_size=29568, vocab_size=152064,
                         tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
 }
+# Hub names of those shapes, so a recipe that names the real model plans on a machine without its config.
+PRESET_ALIASES = {
+    "meta-llama/meta-llama-3-8b-instruct": "llama-3-8b", "meta-llama/llama-3.1-8b-instruct": "llama-3-8b",
+    "meta-llama/meta-llama-3-70b-instruct": "llama-3-70b", "meta-llama/llama-3.1-70b-instruct": "llama-3-70b",
+    "qwen/qwen2.5-72b-instruct": "qwen2.5-72b", "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
+}
+
+
+def preset_of(name_or_path: str) -> dict | None:
+    """The preset shape a name stands for (a preset's own name or a hub alias), or None."""
+    key = name_or_path.lower()
+    return PRESETS.get(PRESET_ALIASES.get(key, key))
 
 
 @dataclass(frozen=True)
@@ -98,7 +112,7 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False):
     (:func:`orpo_ds.model_files.read_model_config`)."""
     from transformers import AutoConfig
 
-    preset = PRESETS.get(name_or_path.lower())
+    preset = preset_of(name_or_path)
     if preset is not None:
         preset = dict(preset)
         return AutoConfig.for_model(preset.pop("model_type"), **preset)

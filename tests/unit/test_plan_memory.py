@@ -14,7 +14,7 @@ from orpo_ds.ds_config import ZeroSetup
 from orpo_ds.model import PolicyWithChunkedHead
 from orpo_ds.packing import build_row
 from orpo_ds.plan.memory import activation_estimate, model_states
-from orpo_ds.plan.shapes import PRESETS, load_model_config, model_shape
+from orpo_ds.plan.shapes import load_model_config, model_shape
 from tests.helpers.memory import measure_peak
 
 SHAPES = {  # name: (hidden, layers, ffn, vocab, heads, kv_heads)
@@ -107,7 +107,7 @@ def test_parameter_counts_equal_deepspeeds_on_the_real_model(name):
     assert (shape.total_params, shape.largest_module_params) == model_to_params(LlamaForCausalLM(config))
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", ["llama-3-8b", "llama-3-70b", "qwen2.5-72b"])  # the cluster-sized shapes
 @pytest.mark.parametrize("gpus", [8, 64, 512])
 def test_model_states_differ_from_deepspeeds_estimator_only_by_its_accounting(preset, gpus):
     """DeepSpeed's ZeRO-3 estimator counts 18 B per parameter (fp32 gradients for the whole partition,
