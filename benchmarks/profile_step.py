@@ -24,7 +24,7 @@ import torch
 from orpo_ds.batch import micro_batch_loss, micro_batches
 from orpo_ds.data import load_records, tokenize_pairs
 from orpo_ds.logps import chunked_token_logps
-from orpo_ds.packing import plan_epoch
+from orpo_ds.packing import schedule_epoch
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 
@@ -86,7 +86,7 @@ def main() -> None:
     for attn in backends:
         pairs, model = load(args.model, args.data, attn, args.max_length)
         setups[attn] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True))
-    plans = plan_epoch(pairs, args.tokens, 1, 1, seed=0, epoch=0)
+    plans = schedule_epoch(pairs, args.tokens, 1, 1, seed=0, epoch=0)
     rows = [micro_batches(plan.rows[0], pairs, nll_on_prompt=False, pad_token_id=0)[0] for plan in plans]
     rows = [mb for mb in rows if not mb.is_dummy][: args.rows + 2]
     times = {attn: defaultdict(list) for attn in backends}

@@ -155,7 +155,7 @@ def _flash_varlen():
 
 
 @dataclass(frozen=True)
-class VarlenPlan:
+class VarlenArgs:
     """One flash-attn varlen call for a row's segments. ``Tq = T`` queries in row order; ``Tk`` keys: each
     segment's context positions, then its own."""
 
@@ -167,8 +167,8 @@ class VarlenPlan:
 
 
 @functools.lru_cache(maxsize=4)
-def varlen_plan(segments: tuple[Segment, ...], device: torch.device) -> VarlenPlan:
-    """The :class:`VarlenPlan` of ``segments`` on ``device``, built on the host once per row (every layer
+def varlen_args(segments: tuple[Segment, ...], device: torch.device) -> VarlenArgs:
+    """The :class:`VarlenArgs` of ``segments`` on ``device``, built on the host once per row (every layer
     of the forward and the backward reuses it: no per-layer copy or sync)."""
     keys = [list(range(seg.context_start, seg.context_end)) + list(range(seg.start, seg.end)) for seg in segments]
     q_lengths = [seg.end - seg.start for seg in segments]
@@ -177,7 +177,7 @@ def varlen_plan(segments: tuple[Segment, ...], device: torch.device) -> VarlenPl
     def cumulative(lengths: list[int]) -> torch.Tensor:
         return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
 
-    return VarlenPlan(torch.tensor([i for k in keys for i in k], dtype=torch.long, device=device),
+    return VarlenArgs(torch.tensor([i for k in keys for i in k], dtype=torch.long, device=device),
                       cumulative(q_lengths), cumulative(k_lengths), max(q_lengths), max(k_lengths))
 
 
@@ -185,7 +185,7 @@ def _flash_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scaling: float | None) -> torch.Tensor:
     """The segments through one ``flash_attn_varlen_func`` call. Shapes as :func:`segmented_sdpa`;
     returns ``[1, T, H, D]``."""
-    plan = varlen_plan(segments, query.device)
+    plan = varlen_args(segments, query.device)
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1).index_select(0, plan.key_index)  # [Tk, H_kv, D]
     v = value[0].transpose(0, 1).index_select(0, plan.key_index)

@@ -124,7 +124,7 @@ def micro_batches(slots: Sequence[Sequence[int] | None], pairs: Sequence[Tokeniz
     """One rank's micro-batches of one step, for training and evaluation alike.
 
     Args:
-        slots: the rank's slots of a :class:`orpo_ds.packing.StepPlan` (``plan.rows[rank]``): each the
+        slots: the rank's slots of a :class:`orpo_ds.packing.ScheduledStep` (``plan.rows[rank]``): each the
             pair indices of one packed row, or ``None`` where the rank has no row in this step, which runs
             a :func:`dummy_micro_batch` (the one place that rule is applied).
         pairs: the tokenized pairs the indices refer to.

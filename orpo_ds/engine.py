@@ -111,17 +111,17 @@ class Engine:
         optimizer = make_optimizer(module, t, ds_config)
         schedule = make_lr_schedule(optimizer, t, total_steps)
         self.ds_config, self.train_config = ds_config, t
-        self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
+        self.ds_engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-        self.module = self.engine.module
-        self._undo_averaging = self.engine.gradient_accumulation_steps() * self.engine.dp_world_size
+        self.module = self.ds_engine.module
+        self._undo_averaging = self.ds_engine.gradient_accumulation_steps() * self.ds_engine.dp_world_size
         # DeepSpeed's fp32 ZeRO-0 path clips with a norm it does not keep, so we measure that one ourselves.
         self._measure_grad_norm = zero_stage(ds_config) == 0 and not ds_config["bf16"]["enabled"]
         self._measured_grad_norm: float | None = None
         self._gradient_bytes: int | None = None  # read at the first step boundary, where gradients exist
 
     def __call__(self, *args, **kwargs):
-        return self.engine(*args, **kwargs)
+        return self.ds_engine(*args, **kwargs)
 
     def describe(self) -> str:
         """One start-up line: the ZeRO stage, the optimizer that runs, and what is offloaded to the CPU."""
@@ -139,7 +139,7 @@ class Engine:
         the data-parallel ranks; the loss normalises by the step's global counts itself, so both are
         undone here.
         """
-        self.engine.backward(loss * self._undo_averaging)
+        self.ds_engine.backward(loss * self._undo_averaging)
 
     def step(self) -> bool:
         """Call after each micro-batch's backward; the update happens at the step's last micro-batch.
@@ -150,7 +150,7 @@ class Engine:
         on); fp32 ZeRO-0 runs a plain torch optimizer, so here its gradients are zeroed and its learning
         rate set to 0 for that step.
         """
-        boundary = self.engine.is_gradient_accumulation_boundary()
+        boundary = self.ds_engine.is_gradient_accumulation_boundary()
         if boundary and self._gradient_bytes is None:
             self._gradient_bytes = self._held_gradient_bytes()
         dropped = False
@@ -165,11 +165,11 @@ class Engine:
                 # would crash DeepSpeed's clipping, which indexes the first parameter with a gradient.
                 for p in params:
                     p.grad.zero_()
-                for group in self.engine.optimizer.param_groups:
+                for group in self.ds_engine.optimizer.param_groups:
                     group["lr"] = 0.0
                 dropped = True
-        self.engine.step()
-        return boundary and not dropped and self.engine.was_step_applied()
+        self.ds_engine.step()
+        return boundary and not dropped and self.ds_engine.was_step_applied()
 
     def _held_gradient_bytes(self) -> int:
         # ZeRO-3 reduces each gradient into this rank's slice of one flat buffer; the other stages keep
@@ -202,17 +202,17 @@ class Engine:
                 "optimizer": _tensor_bytes(masters) + _tensor_bytes(state)}
 
     def train(self) -> None:
-        self.engine.train()
+        self.ds_engine.train()
 
     def eval(self) -> None:
-        self.engine.eval()
+        self.ds_engine.eval()
 
     def save(self, directory: Path) -> None:
         """Collective: every rank writes its ZeRO partitions, optimizer and schedule state."""
-        self.engine.save_checkpoint(str(directory), tag="state")
+        self.ds_engine.save_checkpoint(str(directory), tag="state")
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="state", load_optimizer_states=True,
+        path, _ = self.ds_engine.load_checkpoint(str(directory), tag="state", load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
@@ -221,13 +221,13 @@ class Engine:
     def close(self) -> None:
         """Release DeepSpeed's hooks and buffers while the process group still exists (its destructor
         would run after :func:`shutdown`, where ZeRO-3's cleanup fails silently)."""
-        self.engine.destroy()
+        self.ds_engine.destroy()
 
     def release_gathered(self) -> None:
         """Re-partition parameters that ZeRO-3 left gathered or in flight: a forward pass without a
         backward (evaluation) leaves prefetched parameters behind, and a later explicit gather of them
         then fails with "Cannot partition a param in flight"."""
-        self.engine.empty_partition_cache()
+        self.ds_engine.empty_partition_cache()
 
     @property
     def lr(self) -> float:
@@ -235,7 +235,7 @@ class Engine:
 
     def grad_norm(self) -> float:
         """L2 norm of the last step's gradients over all ranks, before clipping."""
-        norm = self._measured_grad_norm if self._measure_grad_norm else self.engine.get_global_grad_norm()
+        norm = self._measured_grad_norm if self._measure_grad_norm else self.ds_engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     def gather_params(self, params: list[torch.nn.Parameter]):

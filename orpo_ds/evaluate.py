@@ -17,7 +17,7 @@ from orpo_ds.data import TokenizedPair
 from orpo_ds.distributed import reduce_to_host
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.metrics import progress_bar
-from orpo_ds.packing import DEFAULT_LAYOUT, PairLayout, plan_epoch
+from orpo_ds.packing import DEFAULT_LAYOUT, PairLayout, schedule_epoch
 
 # The figures a user compares between checkpoints, by their metric names.
 HEADLINE = {"rewards/accuracies": "preference accuracy", "log_odds_chosen": "mean log-odds",
@@ -39,7 +39,7 @@ def pair_stats(forward: Callable[..., torch.Tensor], pairs: list[TokenizedPair],
         ``[len(pairs), len(STAT_KEYS)]`` fp64, row ``i`` for ``pairs[i]``.
     """
     rows = torch.zeros(len(pairs), len(STAT_KEYS), dtype=torch.float64, device=device)  # filled on the device
-    plans = plan_epoch(pairs, micro_batch_tokens, world_size, 1, seed=0, epoch=0, layout=layout)
+    plans = schedule_epoch(pairs, micro_batch_tokens, world_size, 1, seed=0, epoch=0, layout=layout)
     bar = progress_bar(len(plans), enabled=progress is not None and rank == 0, desc=progress or "", unit="row")
     for plan in plans:
         slots = plan.rows[rank]

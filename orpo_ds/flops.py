@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: the FLOP count needs no packing code
     from orpo_ds.data import TokenizedPair
-    from orpo_ds.packing import StepPlan
+    from orpo_ds.packing import ScheduledStep
 
 # Dense bf16 tensor-core peaks, FLOP/s, by a name ``torch.cuda.get_device_name`` contains (SXM parts).
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -65,7 +65,7 @@ def peak_flops(device_name: str | None, override_tflops: float | None) -> float 
     return next((peak for name, peak in BF16_PEAK_FLOPS.items() if name in device_name), None)
 
 
-def step_shape(plan: StepPlan, pairs: list[TokenizedPair], nll_on_prompt: bool) -> tuple[list[int], int]:
+def step_shape(plan: ScheduledStep, pairs: list[TokenizedPair], nll_on_prompt: bool) -> tuple[list[int], int]:
     """Sequence lengths of the whole step (every rank) and the positions that reach the head, from the
     plan on the host: what :func:`orpo_ds.flops.step_flops` needs, with no collective."""
     lengths, head_positions = [], 0

@@ -18,7 +18,7 @@ from orpo_ds.batch import MicroBatch, micro_batch_loss
 from orpo_ds.data import TokenizedPair
 from orpo_ds.flops import step_flops, step_shape
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
-from orpo_ds.packing import StepPlan
+from orpo_ds.packing import ScheduledStep
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,7 +102,7 @@ class NonFiniteGuard:
                                      f"the learning rate, or raise train.max_nonfinite_steps")
 
 
-class StepRecorder:
+class StepMetrics:
     """Builds the metrics record of a step: the ORPO figures (TRL names), the optimizer's, throughput,
     packing efficiency and, where the device's peak is known, MFU."""
 
@@ -112,7 +112,7 @@ class StepRecorder:
         self.pairs, self.nll_on_prompt = pairs, nll_on_prompt
         self.model_config, self.peak_flops, self.world_size = model_config, peak_flops, world_size
 
-    def __call__(self, step: int, plan: StepPlan, stats: StepStats, *, lr: float, grad_norm: float,
+    def __call__(self, step: int, plan: ScheduledStep, stats: StepStats, *, lr: float, grad_norm: float,
                  seconds: float) -> dict[str, Any]:
         lengths, head_positions = step_shape(plan, self.pairs, self.nll_on_prompt)
         # tokens: what the rows held; sequence_tokens: both sequences of every pair, the prompt in each, as

@@ -4,7 +4,7 @@
 :func:`run_training` is the loop, which delegates each concern to its owner: one optimizer step to
 :mod:`orpo_ds.step`, held-out evaluation to :class:`orpo_ds.evaluate.Evaluator`, checkpoints and
 preemption to :class:`orpo_ds.checkpoint.CheckpointSaver`, the step's record to
-:class:`orpo_ds.step.StepRecorder`, non-finite losses to :class:`orpo_ds.step.NonFiniteGuard`.
+:class:`orpo_ds.step.StepMetrics`, non-finite losses to :class:`orpo_ds.step.NonFiniteGuard`.
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ from orpo_ds.model_files import (
     pad_token_id,
     read_model_config,
 )
-from orpo_ds.packing import StepPlan, layout_for, plan_run, replan_run
+from orpo_ds.packing import ScheduledStep, layout_for, reschedule_run, schedule_run
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics, run_line
 from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, atomic_write, check_export_target, claim_output_dir
 from orpo_ds.samples import PRINTED_CHARS, greedy_answers, sample_pairs, samples_markdown
-from orpo_ds.step import NonFiniteGuard, StepRecorder, train_step
+from orpo_ds.step import NonFiniteGuard, StepMetrics, train_step
 
 # The resolved config of the run, in its output_dir. Not config.json: that name is a model's.
 RUN_CONFIG = "orpo-ds-config.json"
@@ -105,7 +105,7 @@ def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]
     return pairs
 
 
-def warn_about_the_run(cfg: Config, steps: list[StepPlan], train_pairs: list[TokenizedPair]) -> None:
+def warn_about_the_run(cfg: Config, steps: list[ScheduledStep], train_pairs: list[TokenizedPair]) -> None:
     """Settings that run but are likely mistakes, printed once at start-up (rank 0)."""
     warnings = []
     if cfg.train.warmup_steps > len(steps):
@@ -147,12 +147,12 @@ def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: 
 
 
 def resume_on_new_world_size(cfg: Config, info, saved: ckpt_lib.TrainerState, ckpt: Path,
-                             train_pairs: list[TokenizedPair]) -> tuple[list[StepPlan], Path]:
-    """Collective: the step plan of a run resumed on ``info.world_size`` ranks after ``saved.step`` steps on
-    ``saved.world_size`` (:func:`orpo_ds.packing.replan_run`), and the universal copy of ``ckpt`` the
+                             train_pairs: list[TokenizedPair]) -> tuple[list[ScheduledStep], Path]:
+    """Collective: the step schedule of a run resumed on ``info.world_size`` ranks after ``saved.step`` steps on
+    ``saved.world_size`` (:func:`orpo_ds.packing.reschedule_run`), and the universal copy of ``ckpt`` the
     engine loads instead of its ZeRO-3 partitions."""
     t = cfg.train
-    steps = replan_run(train_pairs, t.micro_batch_tokens, saved.world_size, info.world_size, t.grad_accum,
+    steps = reschedule_run(train_pairs, t.micro_batch_tokens, saved.world_size, info.world_size, t.grad_accum,
                        done_steps=saved.step, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps,
                        layout=layout_for(t.share_prompt))
     universal = convert_to_universal(ckpt, info)
@@ -196,7 +196,7 @@ class Run:
 
     cfg: Config
     info: dist_lib.DistInfo
-    steps: list[StepPlan]
+    steps: list[ScheduledStep]
     train_pairs: list[TokenizedPair]
     pad_token_id: int
     tokenizer: Any
@@ -204,13 +204,13 @@ class Run:
     engine: eng_lib.Engine
     saver: ckpt_lib.CheckpointSaver
     evaluator: Evaluator
-    recorder: StepRecorder
+    recorder: StepMetrics
     log: MetricsLog
     start: ckpt_lib.TrainerState  # step 0, or the state of the checkpoint resumed from
     lock: OutputDirLock
     keepalive: Any  # ZeRO-3's HfDeepSpeedConfig (orpo_ds.engine.load_pretrained): held for the run
 
-    def micro_batches(self, plan: StepPlan) -> list[MicroBatch]:
+    def micro_batches(self, plan: ScheduledStep) -> list[MicroBatch]:
         return micro_batches(plan.rows[self.info.rank], self.train_pairs, nll_on_prompt=self.cfg.loss.nll_on_prompt,
                              pad_token_id=self.pad_token_id, device=self.info.device,
                              layout=layout_for(self.cfg.train.share_prompt))
@@ -239,7 +239,7 @@ def start_run(cfg: Config) -> Run:
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)
     eval_pairs = load_pairs(cfg.data.eval, tokenizer, cfg, info) if cfg.data.eval else []
     layout = layout_for(t.share_prompt)
-    steps = plan_run(train_pairs, t.micro_batch_tokens, info.world_size, t.grad_accum, seed=t.seed, epochs=t.epochs,
+    steps = schedule_run(train_pairs, t.micro_batch_tokens, info.world_size, t.grad_accum, seed=t.seed, epochs=t.epochs,
                      max_steps=t.max_steps, layout=layout)
     if info.is_main:
         warn_about_the_run(cfg, steps, train_pairs)
@@ -279,7 +279,7 @@ def start_run(cfg: Config) -> Run:
                           answer=functools.partial(greedy_answers, policy.causal_lm, tokenizer,
                                                    new_tokens=t.sample_new_tokens, synced=info.world_size > 1,
                                                    device=info.device))
-    recorder = StepRecorder(beta=cfg.loss.beta, micro_batch_tokens=t.micro_batch_tokens, pairs=train_pairs,
+    recorder = StepMetrics(beta=cfg.loss.beta, micro_batch_tokens=t.micro_batch_tokens, pairs=train_pairs,
                             nll_on_prompt=cfg.loss.nll_on_prompt, model_config=model_config, peak_flops=peak,
                             world_size=info.world_size)
     start = saver.resume(resume_from, log, identity, universal) if resume_from else identity

@@ -18,7 +18,7 @@ from orpo_ds.data import TokenizedPair, tokenizer_identity
 
 @dataclass(frozen=True)
 class TrainerState:
-    step: int  # optimizer steps completed; the data position follows from the deterministic step plan
+    step: int  # optimizer steps completed; the data position follows from the deterministic step schedule
     epoch: int
     world_size: int
     grad_accum: int
@@ -27,7 +27,7 @@ class TrainerState:
     num_pairs: int
     model: str
     config: dict[str, Any]
-    # What the packing plan is a function of, besides the fields above.
+    # What the packing schedule is a function of, besides the fields above.
     data_fingerprint: str  # sha256 of the tokenized training pairs, in order
     max_length: int
     truncation: str
@@ -46,7 +46,7 @@ class TrainerState:
 
 def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
     """sha256 of the tokenized training pairs in order: ids and lengths of every prompt and response.
-    Equal fingerprints mean the same packing plan for the same budget, seed and world size."""
+    Equal fingerprints mean the same packing schedule for the same budget, seed and world size."""
     h = hashlib.sha256()
     for p in pairs:
         header = [p.pair_id, len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)]
@@ -93,7 +93,7 @@ def check_compatible(state: TrainerState, new: TrainerState, ckpt: Path, *, worl
         if world_size_change == "allow":
             how = (f"a new world size needs ZeRO-3 here (this run is ZeRO-{zero_stage}); resume with "
                    f"{state.world_size} ranks")
-        problems.append(f"world size {state.world_size} -> {new.world_size} (ZeRO partitions and the data plan "
+        problems.append(f"world size {state.world_size} -> {new.world_size} (ZeRO partitions and the data schedule "
                         f"depend on it; {how})")
     for key in ("grad_accum", "micro_batch_tokens", "seed"):
         if getattr(state, key) != getattr(new, key):

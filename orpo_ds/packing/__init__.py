@@ -2,12 +2,12 @@
 
 Pipeline (all pure: no torch.distributed, engine, config object or logging in here)::
 
-    pairs ─layout.num_tokens─► pack_pairs ─► bins ─► plan_steps ─► steps[step][rank] = bin or None
+    pairs ─layout.num_tokens─► pack_pairs ─► bins ─► schedule_steps ─► steps[step][rank] = bin or None
                                               └─► build_row(pairs of a bin) ─► PackedRow
 
 * :func:`pack_pairs` puts pairs into bins of at most ``micro_batch_tokens`` tokens (best-fit-decreasing). A
   pair is the unit of packing, so its chosen and rejected sequences always land in the same row.
-* :func:`plan_steps` deals the bins of each optimizer step to ranks and micro-batch slots, filling the
+* :func:`schedule_steps` deals the bins of each optimizer step to ranks and micro-batch slots, filling the
   last step's empty slots with ``None`` (``orpo_ds.batch.micro_batches`` runs a dummy micro-batch there:
   ZeRO-3 needs every rank in every pass).
 * :func:`build_row` lays the pairs of one bin out in one row (batch dim 1, no padding), and
@@ -46,7 +46,7 @@ The chosen response scores 21, 22, 2 (at t = 1, 2, 3); the rejected one 31, 2 (a
 would "predict" the first token of the next sequence, so its label is -100.
 
 Layouts. A :class:`PairLayout` decides how a pair's tokens sit in a row: it reports ``num_tokens(pair)``
-(what the packer budgets) and emits :class:`Segment` objects (what the row builder concatenates).
+(what the packer budgets) and emits :class:`LaidOutSequence` objects (what the row builder concatenates).
 :class:`SeparateSequencesLayout` (above) stores the prompt twice; :class:`SharedPromptLayout`
 (``train.share_prompt``) stores it once, and its docstring works the same pair through. The callers of
 :func:`pack_pairs` and ``prepare_micro_batch`` do not change with the layout.
@@ -55,17 +55,17 @@ Layouts. A :class:`PairLayout` decides how a pair's tokens sit in a row: it repo
 from orpo_ds.packing.bins import pack_pairs, packing_efficiency
 from orpo_ds.packing.layout import (
     DEFAULT_LAYOUT,
+    LaidOutSequence,
     PairLayout,
-    Segment,
     SeparateSequencesLayout,
     SharedPromptLayout,
     layout_for,
 )
 from orpo_ds.packing.rows import PackedRow, build_row
-from orpo_ds.packing.schedule import StepPlan, plan_epoch, plan_run, plan_steps, replan_run
+from orpo_ds.packing.schedule import ScheduledStep, reschedule_run, schedule_epoch, schedule_run, schedule_steps
 
 __all__ = [
-    "Segment", "PairLayout", "SeparateSequencesLayout", "SharedPromptLayout", "DEFAULT_LAYOUT", "layout_for",
-    "PackedRow", "pack_pairs", "packing_efficiency", "plan_steps", "StepPlan", "plan_epoch", "plan_run",
-    "replan_run", "build_row",
+    "LaidOutSequence", "PairLayout", "SeparateSequencesLayout", "SharedPromptLayout", "DEFAULT_LAYOUT",
+    "layout_for", "PackedRow", "pack_pairs", "packing_efficiency", "schedule_steps", "ScheduledStep",
+    "schedule_epoch", "schedule_run", "reschedule_run", "build_row",
 ]

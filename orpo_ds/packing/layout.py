@@ -1,4 +1,4 @@
-"""How a pair is laid out in a row: its sequences (:class:`Segment`), and the two layouts, separate
+"""How a pair is laid out in a row: its sequences (:class:`LaidOutSequence`), and the two layouts, separate
 sequences or a prompt shared by both responses (``train.share_prompt``)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from orpo_ds.logps import IGNORE_INDEX  # the label the log-prob head skips
 
 
 @dataclass(frozen=True)
-class Segment:
+class LaidOutSequence:
     """One sequence of a row (one ``seq_id``), as a layout places it. Arrays are ``[L]``.
 
     With :class:`SeparateSequencesLayout` it is prompt + response with positions from 0. With
@@ -52,11 +52,11 @@ class PairLayout(abc.ABC):
         """Tokens the pair occupies in a row."""
 
     @abc.abstractmethod
-    def segments(self, pair: TokenizedPair) -> list[Segment]:
+    def segments(self, pair: TokenizedPair) -> list[LaidOutSequence]:
         """The pair's segments, in row order."""
 
 
-def _sequence_segment(prompt: tuple[int, ...], response: tuple[int, ...], is_chosen: bool) -> Segment:
+def _sequence_segment(prompt: tuple[int, ...], response: tuple[int, ...], is_chosen: bool) -> LaidOutSequence:
     """One sequence ``prompt + response``, positions from 0, labels shifted within the sequence."""
     input_ids = np.asarray(prompt + response, dtype=np.int64)
     length = input_ids.shape[0]
@@ -66,7 +66,7 @@ def _sequence_segment(prompt: tuple[int, ...], response: tuple[int, ...], is_cho
     # predicts nothing.
     response_mask = np.zeros(length, dtype=bool)
     response_mask[max(len(prompt) - 1, 0):length - 1] = True
-    return Segment(input_ids, np.arange(length, dtype=np.int64), labels, response_mask, is_chosen)
+    return LaidOutSequence(input_ids, np.arange(length, dtype=np.int64), labels, response_mask, is_chosen)
 
 
 class SeparateSequencesLayout(PairLayout):
@@ -76,7 +76,7 @@ class SeparateSequencesLayout(PairLayout):
     def num_tokens(self, pair: TokenizedPair) -> int:
         return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
-    def segments(self, pair: TokenizedPair) -> list[Segment]:
+    def segments(self, pair: TokenizedPair) -> list[LaidOutSequence]:
         return [_sequence_segment(pair.prompt_ids, pair.chosen_ids, is_chosen=True),
                 _sequence_segment(pair.prompt_ids, pair.rejected_ids, is_chosen=False)]
 
@@ -114,7 +114,7 @@ class SharedPromptLayout(PairLayout):
     def num_tokens(self, pair: TokenizedPair) -> int:
         return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
-    def segments(self, pair: TokenizedPair) -> list[Segment]:
+    def segments(self, pair: TokenizedPair) -> list[LaidOutSequence]:
         prompt = pair.prompt_ids
         chosen = _sequence_segment(prompt, pair.chosen_ids, is_chosen=True)
         if not prompt:
@@ -125,7 +125,7 @@ class SharedPromptLayout(PairLayout):
         response_mask = np.zeros(rejected.shape[0], dtype=bool)
         response_mask[:-1] = True
         positions = np.arange(len(prompt), len(prompt) + rejected.shape[0], dtype=np.int64)
-        return [chosen, Segment(rejected, positions, labels, response_mask, is_chosen=False,
+        return [chosen, LaidOutSequence(rejected, positions, labels, response_mask, is_chosen=False,
                                 context_tokens=len(prompt), context_label=int(rejected[0]))]
 
 

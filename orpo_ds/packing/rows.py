@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from orpo_ds.data.pairs import TokenizedPair  # the input, made by the data pipeline
-from orpo_ds.packing.layout import DEFAULT_LAYOUT, PairLayout, Segment
+from orpo_ds.packing.layout import DEFAULT_LAYOUT, LaidOutSequence, PairLayout
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def build_row(pairs: Sequence[TokenizedPair], layout: PairLayout = DEFAULT_LAYOU
     """
     if not pairs:
         raise ValueError("build_row needs at least one pair; an empty slot runs orpo_ds.batch.dummy_micro_batch")
-    segments: list[Segment] = []
+    segments: list[LaidOutSequence] = []
     seq_pair_index: list[int] = []
     seq_pair_id: list[int] = []
     chosen_seq: list[int] = []

@@ -28,7 +28,7 @@ def _assign_step(bin_indices: Sequence[int], tokens: Sequence[int], world_size: 
     return [sorted(bins) + [None] * (grad_accum - len(bins)) for bins in assigned]
 
 
-def plan_steps(bin_num_tokens: Sequence[int], world_size: int,
+def schedule_steps(bin_num_tokens: Sequence[int], world_size: int,
                grad_accum: int) -> list[list[list[int | None]]]:
     """Deal bins to optimizer steps, ranks and micro-batch slots.
 
@@ -55,7 +55,7 @@ def plan_steps(bin_num_tokens: Sequence[int], world_size: int,
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class ScheduledStep:
     """The rows of one optimizer step: ``rows[rank]`` lists ``grad_accum`` slots, each the pair indices of
     one packed row, or ``None`` where that rank has no row (it runs a dummy micro-batch)."""
 
@@ -81,46 +81,46 @@ def epoch_rows(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, *, seed:
 
 
 def deal_rows(bins: list[list[int]], bin_tokens: list[int], world_size: int, grad_accum: int,
-              epoch: int) -> list[StepPlan]:
-    """Rows to optimizer steps, ranks and micro-batch slots (:func:`plan_steps`)."""
-    return [StepPlan(epoch, [[bins[b] if b is not None else None for b in rank_slots] for rank_slots in step])
-            for step in plan_steps(bin_tokens, world_size, grad_accum)]
+              epoch: int) -> list[ScheduledStep]:
+    """Rows to optimizer steps, ranks and micro-batch slots (:func:`schedule_steps`)."""
+    return [ScheduledStep(epoch, [[bins[b] if b is not None else None for b in rank_slots] for rank_slots in step])
+            for step in schedule_steps(bin_tokens, world_size, grad_accum)]
 
 
-def plan_epoch(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
-               seed: int, epoch: int, layout: PairLayout = DEFAULT_LAYOUT) -> list[StepPlan]:
+def schedule_epoch(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
+               seed: int, epoch: int, layout: PairLayout = DEFAULT_LAYOUT) -> list[ScheduledStep]:
     """Pack one epoch's pairs into rows and deal the rows to steps and ranks: a deterministic function of
     its arguments, so every rank computes the same plan with no communication."""
     bins, bin_tokens = epoch_rows(pairs, micro_batch_tokens, seed=seed, epoch=epoch, layout=layout)
     return deal_rows(bins, bin_tokens, world_size, grad_accum, epoch)
 
 
-def plan_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
-             seed: int, epochs: int, max_steps: int = 0, layout: PairLayout = DEFAULT_LAYOUT) -> list[StepPlan]:
+def schedule_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
+             seed: int, epochs: int, max_steps: int = 0, layout: PairLayout = DEFAULT_LAYOUT) -> list[ScheduledStep]:
     """The whole run's steps: ``epochs`` epochs (each packed afresh), cut at ``max_steps`` when > 0."""
-    steps: list[StepPlan] = []
+    steps: list[ScheduledStep] = []
     for epoch in range(epochs):
-        steps += plan_epoch(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epoch=epoch,
+        steps += schedule_epoch(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epoch=epoch,
                             layout=layout)
         if max_steps and len(steps) >= max_steps:
             break
     return steps[:max_steps] if max_steps else steps
 
 
-def replan_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, old_world_size: int, world_size: int,
+def reschedule_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, old_world_size: int, world_size: int,
                grad_accum: int, *, done_steps: int, seed: int, epochs: int, max_steps: int = 0,
-               layout: PairLayout = DEFAULT_LAYOUT) -> list[StepPlan]:
-    """The step plan of a run resumed on ``world_size`` ranks after ``done_steps`` steps on
+               layout: PairLayout = DEFAULT_LAYOUT) -> list[ScheduledStep]:
+    """The step schedule of a run resumed on ``world_size`` ranks after ``done_steps`` steps on
     ``old_world_size``: those steps as they ran, then the rest of their epoch's rows dealt to the new world
     size, then the later epochs planned for it. An epoch's rows do not depend on the world size, and steps
     consume them in order, so no pair of the epoch is trained twice and none is skipped. ``max_steps``
     still caps the total number of optimizer steps.
     """
-    old = plan_run(pairs, micro_batch_tokens, old_world_size, grad_accum, seed=seed, epochs=epochs,
+    old = schedule_run(pairs, micro_batch_tokens, old_world_size, grad_accum, seed=seed, epochs=epochs,
                    max_steps=max_steps, layout=layout)
     done = old[:done_steps]
     if not done:
-        return plan_run(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epochs=epochs,
+        return schedule_run(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epochs=epochs,
                         max_steps=max_steps, layout=layout)
     epoch = done[-1].epoch
     consumed = sum(step.num_filled_rows for step in done if step.epoch == epoch)
@@ -129,5 +129,6 @@ def replan_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, old_worl
     for later in range(epoch + 1, epochs):
         if max_steps and len(steps) >= max_steps:
             break
-        steps += plan_epoch(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epoch=later, layout=layout)
+        steps += schedule_epoch(pairs, micro_batch_tokens, world_size, grad_accum, seed=seed, epoch=later,
+                                layout=layout)
     return steps[:max_steps] if max_steps else steps

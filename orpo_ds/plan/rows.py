@@ -8,7 +8,7 @@ from pathlib import Path
 
 from orpo_ds.config import Config
 from orpo_ds.flops import step_flops, step_shape
-from orpo_ds.packing import layout_for, plan_epoch
+from orpo_ds.packing import layout_for, schedule_epoch
 from orpo_ds.plan.shapes import preset_of
 
 # Without data: the share of a row's tokens that reach the head (response tokens). ORPO pairs in the
@@ -45,7 +45,7 @@ def from_data(cfg: Config, model_config, ranks: int) -> RowStats:
     d, t = cfg.data, cfg.train
     pairs, _ = tokenize_data_section(d.train, load_tokenizer(cfg), d, progress=True)
     layout = layout_for(t.share_prompt)
-    steps = plan_epoch(pairs, t.micro_batch_tokens, ranks, t.grad_accum, seed=t.seed, epoch=0, layout=layout)
+    steps = schedule_epoch(pairs, t.micro_batch_tokens, ranks, t.grad_accum, seed=t.seed, epoch=0, layout=layout)
     row_tokens = [sum(layout.num_tokens(pairs[i]) for i in row) for s in steps for row in s.filled_rows()]
     flops, head = 0.0, 0
     for s in steps:

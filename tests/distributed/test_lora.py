@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from orpo_ds.metrics import read_metrics
-from orpo_ds.packing import layout_for, plan_run
+from orpo_ds.packing import layout_for, schedule_run
 from tests.distributed.conftest import REPO, launch, run_env
 from tests.distributed.test_trainer import _reference_setup, _step_pairs, lora_reference_model, train_steps
 from tests.helpers.reference import reference_train
@@ -48,7 +48,7 @@ def _batch(vocab_size):
 def test_single_process_lora_matches_peft_reference(lora_run, tiny_model):
     out, _, cfg, tokenizer, pairs = lora_run
     t = cfg.train
-    plan = plan_run(pairs, t.micro_batch_tokens, 1, t.grad_accum, seed=t.seed, epochs=t.epochs, max_steps=STEPS,
+    plan = schedule_run(pairs, t.micro_batch_tokens, 1, t.grad_accum, seed=t.seed, epochs=t.epochs, max_steps=STEPS,
                     layout=layout_for(False))
     model = lora_reference_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
                                                                       attn_implementation="sdpa"), cfg)

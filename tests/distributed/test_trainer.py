@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orpo_ds.config import load_config
 from orpo_ds.data import load_records, tokenize_pairs
 from orpo_ds.metrics import read_metrics
-from orpo_ds.packing import layout_for, plan_run
+from orpo_ds.packing import layout_for, schedule_run
 from tests.distributed.conftest import REPO, base_overrides, launch, run_env
 from tests.helpers.reference import reference_step_loss, reference_train
 from tests.helpers.synthetic import write_pairs
@@ -80,10 +80,10 @@ def test_learnable_task_loss_falls_and_accuracy_rises(learnable_run):
 
 
 def _plan(pairs, cfg):
-    """The trainer's step plan for 2 ranks."""
+    """The trainer's step schedule for 2 ranks."""
     t = cfg.train
-    return plan_run(pairs, t.micro_batch_tokens, 2, t.grad_accum, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps,
-                    layout=layout_for(t.share_prompt))
+    return schedule_run(pairs, t.micro_batch_tokens, 2, t.grad_accum, seed=t.seed, epochs=t.epochs,
+                        max_steps=t.max_steps, layout=layout_for(t.share_prompt))
 
 
 def _reference_setup(tiny_model, data_file, out, extra):

@@ -13,7 +13,7 @@ from orpo_ds.config import load_config
 from orpo_ds.data import load_records, tokenize_pairs
 from orpo_ds.engine import consolidate_zero_checkpoint
 from orpo_ds.metrics import read_metrics
-from orpo_ds.packing import layout_for, replan_run
+from orpo_ds.packing import layout_for, reschedule_run
 from tests.distributed.conftest import base_overrides, launch
 from tests.helpers.reference import reference_step_loss
 
@@ -44,7 +44,7 @@ def test_two_rank_zero3_checkpoint_resumes_on_one_rank(tiny_model, synthetic_dat
     pairs, _ = tokenize_pairs(load_records(str(synthetic_data["train"])), tokenizer, max_length=cfg.data.max_length,
                               progress=False)
     t = cfg.train
-    plan = replan_run(pairs, t.micro_batch_tokens, 2, 1, t.grad_accum, done_steps=SAVED_STEP, seed=t.seed,
+    plan = reschedule_run(pairs, t.micro_batch_tokens, 2, 1, t.grad_accum, done_steps=SAVED_STEP, seed=t.seed,
                       epochs=t.epochs, layout=layout_for(False))
     steps = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, len(plan) + 1))  # continuous: step 5 once, from the resume

@@ -1,4 +1,4 @@
-"""Tests of orpo_ds.packing: the row contract, the packer, step planning and packed-vs-separate model parity."""
+"""Tests of orpo_ds.packing: the row contract, the packer, step schedulening and packed-vs-separate model parity."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from orpo_ds.data import TokenizedPair
 from orpo_ds.logps import IGNORE_INDEX
 from orpo_ds.packing import (
     DEFAULT_LAYOUT,
+    LaidOutSequence,
     PairLayout,
-    Segment,
     SeparateSequencesLayout,
     build_row,
     pack_pairs,
     packing_efficiency,
-    plan_steps,
+    schedule_steps,
 )
 
 FAST = settings(max_examples=60, deadline=None)
@@ -148,7 +148,7 @@ def test_a_new_layout_slots_in_without_changing_build_row():
 
     row = build_row([TokenizedPair(1, (1,), (2, 2), (3,))], RejectedFirst())
     assert_row(row, input_ids=np.array([1, 3, 1, 2, 2]), seq_is_chosen=np.array([F, T]))
-    assert isinstance(DEFAULT_LAYOUT.segments(TokenizedPair(1, (1,), (2,), (3,)))[0], Segment)
+    assert isinstance(DEFAULT_LAYOUT.segments(TokenizedPair(1, (1,), (2,), (3,)))[0], LaidOutSequence)
 
 
 def test_row_knows_each_pairs_chosen_and_rejected_sequence():
@@ -283,18 +283,18 @@ def test_bad_packer_arguments():
     assert pack_pairs([], 10, seed=0, epoch=0) == []
 
 
-# ------------------------------------------------------------------------------------- plan_steps
+# ------------------------------------------------------------------------------------- schedule_steps
 
 
 def test_plan_steps_exact():
-    steps = plan_steps([10, 1, 1, 1, 5, 5, 2], world_size=2, grad_accum=2)
+    steps = schedule_steps([10, 1, 1, 1, 5, 5, 2], world_size=2, grad_accum=2)
     assert steps == [[[0, 3], [1, 2]], [[4, 6], [5, None]]]
 
 
 @FAST
 @given(st.lists(st.integers(0, 1000), max_size=60), st.integers(1, 5), st.integers(1, 5))
 def test_plan_steps_invariants(tokens, world_size, grad_accum):
-    steps = plan_steps(tokens, world_size, grad_accum)
+    steps = schedule_steps(tokens, world_size, grad_accum)
     slots = world_size * grad_accum
     assert len(steps) == -(-len(tokens) // slots)
     used = []
@@ -311,12 +311,12 @@ def test_plan_steps_invariants(tokens, world_size, grad_accum):
         assert max(loads) - min(loads) <= max(tokens[b] for b in flat)
         used += flat
     assert used == list(range(len(tokens)))  # every bin exactly once
-    assert steps == plan_steps(tokens, world_size, grad_accum)
+    assert steps == schedule_steps(tokens, world_size, grad_accum)
 
 
 def test_plan_steps_balances_better_than_round_robin():
     tokens = [8000, 7900, 300, 200] * 4  # round-robin would give rank 0 all the big bins
-    steps = plan_steps(tokens, world_size=2, grad_accum=8)
+    steps = schedule_steps(tokens, world_size=2, grad_accum=8)
     loads = [sum(tokens[b] for b in rank) for rank in steps[0]]
     assert max(loads) - min(loads) <= 200
 
@@ -397,13 +397,13 @@ def test_replan_on_another_world_size_trains_every_pair_once_per_epoch(sizes, ol
                                                                         epochs, done, max_steps):
     """A resume on a new world size (train.resume_world_size_change=allow): the steps already run stay as
     they were, and each epoch still trains every pair exactly once (none twice, none skipped)."""
-    from orpo_ds.packing import plan_run, replan_run
+    from orpo_ds.packing import reschedule_run, schedule_run
 
     pairs = [TokenizedPair(i, (1,) * s, (2,) * (1 + s % 5), (3,) * (1 + s % 3)) for i, s in enumerate(sizes)]
     args = dict(seed=3, epochs=epochs, max_steps=max_steps)
-    old = plan_run(pairs, 128, old_world, grad_accum, **args)
+    old = schedule_run(pairs, 128, old_world, grad_accum, **args)
     done %= len(old) + 1
-    new = replan_run(pairs, 128, old_world, new_world, grad_accum, done_steps=done, **args)
+    new = reschedule_run(pairs, 128, old_world, new_world, grad_accum, done_steps=done, **args)
     assert new[:done] == old[:done]
     assert all(len(step.rows) == new_world for step in new[done:])
     if max_steps:

@@ -15,7 +15,7 @@ from orpo_ds.config import ConfigError, config_from_dict
 from orpo_ds.data import TokenizedPair
 from orpo_ds.logps import IGNORE_INDEX, sequence_mean_logps
 from orpo_ds.model import PolicyWithChunkedHead
-from orpo_ds.packing import DEFAULT_LAYOUT, SharedPromptLayout, build_row, layout_for, plan_epoch
+from orpo_ds.packing import DEFAULT_LAYOUT, SharedPromptLayout, build_row, layout_for, schedule_epoch
 from tests.unit.test_attention_segmented import dense_mask
 
 V = 53
@@ -67,7 +67,7 @@ def test_an_empty_prompt_is_laid_out_as_two_sequences():
 def test_sharing_fits_more_pairs_in_a_row():
     pairs = _pairs(40, prompt=(20, 40), response=(5, 10))
     assert SHARED.num_tokens(pairs[0]) == DEFAULT_LAYOUT.num_tokens(pairs[0]) - len(pairs[0].prompt_ids)
-    rows = {layout: sum(p.num_filled_rows for p in plan_epoch(pairs, 256, 1, 1, seed=0, epoch=0, layout=layout))
+    rows = {layout: sum(p.num_filled_rows for p in schedule_epoch(pairs, 256, 1, 1, seed=0, epoch=0, layout=layout))
             for layout in (DEFAULT_LAYOUT, SHARED)}
     assert rows[SHARED] < 0.8 * rows[DEFAULT_LAYOUT]
 
@@ -158,7 +158,7 @@ def test_the_flash_varlen_branch_gathers_each_segments_keys(monkeypatch):
              TokenizedPair(3, (3,), (2,), (2,))]
     row = build_row(pairs, SHARED)
     segments, t = row_segments(row), row.num_tokens
-    plan = attention.varlen_plan(segments, torch.device("cpu"))
+    plan = attention.varlen_args(segments, torch.device("cpu"))
     assert plan.cu_seqlens_q.tolist() == [0, 5, 9, 11, 13, 15, 16]
     assert plan.cu_seqlens_k.tolist() == [0, 5, 12, 14, 16, 18, 20]  # a rejected response: prompt keys, then its own
     g = torch.Generator().manual_seed(0)
@@ -231,7 +231,7 @@ def test_the_longest_pair_that_fits_the_budget():
     pair = TokenizedPair(9, tuple(range(3, 15)), tuple(range(20, 31)) + (2,), tuple(range(31, 42)) + (2,))
     assert DEFAULT_LAYOUT.num_tokens(pair) == 48 and SHARED.num_tokens(pair) == 36
     for layout in (DEFAULT_LAYOUT, SHARED):
-        assert plan_epoch([pair], 48, 1, 1, seed=0, epoch=0, layout=layout)[0].rows == [[[0]]]
+        assert schedule_epoch([pair], 48, 1, 1, seed=0, epoch=0, layout=layout)[0].rows == [[[0]]]
     model = _model(seed=1)
     ref = _run(model, [build_row([pair], DEFAULT_LAYOUT)], beta=0.1, nll_on_prompt=False)
     got = _run(model, [build_row([pair], SHARED)], beta=0.1, nll_on_prompt=False)
