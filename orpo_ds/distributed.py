@@ -135,3 +135,11 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def raise_if_any_rank_failed(error: Exception | None, elsewhere: Exception) -> None:
+    """Collective: re-raise ``error`` on the rank that hit it and ``elsewhere`` on every other rank, so a
+    failure on one rank ends the job with its message instead of leaving the others blocked."""
+    (failed,) = reduce_to_host(torch.tensor([float(error is not None)]))
+    if failed:
+        raise error or elsewhere

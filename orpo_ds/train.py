@@ -28,7 +28,7 @@ from orpo_ds import tracking
 from orpo_ds.attention import resolve_attn_implementation
 from orpo_ds.batch import MicroBatch, micro_batches
 from orpo_ds.compare import compare_snapshots, comparison_report, seen_sample
-from orpo_ds.config import Config, ConfigError, dump_config
+from orpo_ds.config import Config, ConfigError
 from orpo_ds.data import DataError, TokenizedPair, duplicate_pairs, tokenize_data_section
 from orpo_ds.evaluate import Evaluator
 from orpo_ds.export import export_trained
@@ -42,29 +42,18 @@ from orpo_ds.model_files import (
     pad_token_id,
     read_model_config,
 )
-from orpo_ds.packing import ScheduledStep, layout_for, reschedule_run, schedule_run
+from orpo_ds.packing import ScheduledStep, layout_for, schedule_run
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics, run_line
 from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, atomic_write, check_export_target, claim_output_dir
 from orpo_ds.samples import PRINTED_CHARS, greedy_answers, sample_pairs, samples_markdown
 from orpo_ds.step import NonFiniteGuard, StepMetrics, train_step
 
-# The resolved config of the run, in its output_dir. Not config.json: that name is a model's.
-RUN_CONFIG = "orpo-ds-config.json"
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def raise_if_any_rank_failed(error: Exception | None, elsewhere: Exception) -> None:
-    """Collective: re-raise ``error`` on the rank that hit it and ``elsewhere`` on every other rank, so a
-    failure on one rank ends the job with its message instead of leaving the others blocked."""
-    (failed,) = dist_lib.reduce_to_host(torch.tensor([float(error is not None)]))
-    if failed:
-        raise error or elsewhere
 
 
 def lock_output_dir(out_dir: Path, info) -> OutputDirLock:
@@ -78,7 +67,7 @@ def lock_output_dir(out_dir: Path, info) -> OutputDirLock:
             lock.acquire()
         except UnsafeOutputError as exc:
             error = exc
-    raise_if_any_rank_failed(error, UnsafeOutputError(f"{out_dir} is in use by another run (see rank 0)"))
+    dist_lib.raise_if_any_rank_failed(error, UnsafeOutputError(f"{out_dir} is in use by another run (see rank 0)"))
     return lock
 
 
@@ -98,8 +87,8 @@ def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]
                     print(f"[data] {source}: {report.summary()}", flush=True)
             except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
                 error = exc
-        raise_if_any_rank_failed(error, DataError(f"data: {source} failed to load on another rank (see rank 0's "
-                                                  f"error)"))
+        dist_lib.raise_if_any_rank_failed(error, DataError(f"data: {source} failed to load on another rank (see "
+                                                           f"rank 0's error)"))
     if not pairs:
         raise DataError(f"data: no usable pairs in {source}")
     return pairs
@@ -123,61 +112,6 @@ def warn_about_the_run(cfg: Config, steps: list[ScheduledStep], train_pairs: lis
         print(f"[warning] {line}", flush=True)
 
 
-def prepare_output_dir(cfg: Config, info, identity: ckpt_lib.TrainerState, log: MetricsLog,
-                       zero_stage: int) -> Path | None:
-    """Decide fresh start or resume, refusing what would mix two runs, then record the config.
-
-    Returns the checkpoint to resume from (None: a fresh start). The run's config (:data:`RUN_CONFIG`) is
-    written only once the resume is accepted, so a refused rerun leaves the folder as it was.
-    """
-    out_dir = Path(cfg.train.output_dir)
-    resume_from = ckpt_lib.resolve_resume(cfg.train.resume, out_dir, overwrite=cfg.train.overwrite)
-    if resume_from is not None:
-        ckpt_lib.check_compatible(ckpt_lib.read_state(resume_from), identity, resume_from,
-                                  world_size_change=cfg.train.resume_world_size_change, zero_stage=zero_stage)
-        ckpt_lib.verify_files(resume_from)
-    if info.is_main:
-        if resume_from is None:
-            if cfg.train.overwrite:
-                ckpt_lib.clear_run_state(out_dir)
-            log.start_fresh()
-        atomic_write(out_dir / RUN_CONFIG, dump_config(cfg))
-    dist_lib.barrier()
-    return resume_from
-
-
-def resume_on_new_world_size(cfg: Config, info, saved: ckpt_lib.TrainerState, ckpt: Path,
-                             train_pairs: list[TokenizedPair]) -> tuple[list[ScheduledStep], Path]:
-    """Collective: the step schedule of a run resumed on ``info.world_size`` ranks after ``saved.step`` steps on
-    ``saved.world_size`` (:func:`orpo_ds.packing.reschedule_run`), and the universal copy of ``ckpt`` the
-    engine loads instead of its ZeRO-3 partitions."""
-    t = cfg.train
-    steps = reschedule_run(train_pairs, t.micro_batch_tokens, saved.world_size, info.world_size, t.grad_accum,
-                       done_steps=saved.step, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps,
-                       layout=layout_for(t.share_prompt))
-    universal = convert_to_universal(ckpt, info)
-    if info.is_main:
-        epoch = steps[saved.step - 1].epoch if saved.step else 0
-        print(f"[checkpoint] resuming step {saved.step} of a {saved.world_size}-rank run on {info.world_size} ranks "
-              f"through a universal checkpoint: {len(steps) - saved.step} steps left, the rest of epoch {epoch}'s "
-              f"rows dealt to the new ranks", flush=True)
-    return steps, universal
-
-
-def convert_to_universal(ckpt: Path, info) -> Path:
-    """Collective: rank 0 writes the universal copy of ``ckpt`` (:func:`orpo_ds.checkpoint.universal_copy`);
-    a failure there ends every rank."""
-    path, error = ckpt.parent / f".universal-{ckpt.name}", None
-    if info.is_main:
-        try:
-            path = ckpt_lib.universal_copy(ckpt)
-        except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
-            error = exc
-    raise_if_any_rank_failed(error, ckpt_lib.ResumeError(f"{ckpt}: converting to a universal checkpoint failed "
-                                                         f"on rank 0 (see its error)"))
-    return path
-
-
 def open_trackers(cfg: Config, info, resume_step: int) -> tracking.Trackers:
     """Collective: rank 0 opens ``train.report_to``'s trackers; a failure there ends every rank."""
     trackers, error = None, None
@@ -185,8 +119,8 @@ def open_trackers(cfg: Config, info, resume_step: int) -> tracking.Trackers:
         trackers = tracking.Trackers(cfg, resume_step=resume_step, enabled=info.is_main)
     except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
         error = exc
-    raise_if_any_rank_failed(error, ConfigError("train.report_to: a tracker failed to start on rank 0 (see its "
-                                                "error)"))
+    dist_lib.raise_if_any_rank_failed(error, ConfigError("train.report_to: a tracker failed to start on rank 0 (see "
+                                                         "its error)"))
     return trackers
 
 
@@ -247,14 +181,9 @@ def start_run(cfg: Config) -> Run:
                                      zero_stage=ds_lib.zero_stage(ds_config),
                                      model_fingerprint=model_fingerprint(cfg.model.name_or_path))
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main)
-    resume_from = prepare_output_dir(cfg, info, identity, log, ds_lib.zero_stage(ds_config))
-    saved = ckpt_lib.read_state(resume_from) if resume_from else None
-    log.trackers = open_trackers(cfg, info, saved.step if saved else 0)
-    universal = None
-    if saved is not None and saved.world_size != info.world_size:  # train.resume_world_size_change=allow
-        steps, universal = resume_on_new_world_size(cfg, info, saved, resume_from, train_pairs)
-        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-
+    start = ckpt_lib.resolve_run_start(cfg, info, identity, log, ds_lib.zero_stage(ds_config), steps, train_pairs)
+    log.trackers = open_trackers(cfg, info, start.done_steps)
+    steps, ds_config = start.steps, start.engine_config(ds_config)
     policy, keepalive = build_policy(cfg.model, ds_config, dtype, chunk_size=cfg.loss.chunk_size,
                                      share_prompt=t.share_prompt)
     model_config = policy.causal_lm.config
@@ -282,10 +211,10 @@ def start_run(cfg: Config) -> Run:
     recorder = StepMetrics(beta=cfg.loss.beta, micro_batch_tokens=t.micro_batch_tokens, pairs=train_pairs,
                             nll_on_prompt=cfg.loss.nll_on_prompt, model_config=model_config, peak_flops=peak,
                             world_size=info.world_size)
-    start = saver.resume(resume_from, log, identity, universal) if resume_from else identity
+    state = saver.resume(start.checkpoint, log, identity, start.universal) if start.checkpoint else identity
     return Run(cfg=cfg, info=info, steps=steps, train_pairs=train_pairs, pad_token_id=pad_id, tokenizer=tokenizer,
                policy=policy, engine=engine, saver=saver, evaluator=evaluator, recorder=recorder, log=log,
-               start=start, lock=lock, keepalive=keepalive)
+               start=state, lock=lock, keepalive=keepalive)
 
 
 def run_training(cfg: Config) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from orpo_ds.checkpoint.layout import (
     verify_files,
     write_manifest,
 )
+from orpo_ds.checkpoint.resume import RUN_CONFIG, RunStart, resolve_run_start
 from orpo_ds.checkpoint.rng import load_rank_state, rng_state, set_rng_state, write_rank_state
 from orpo_ds.checkpoint.saver import CheckpointSaver, universal_copy
 from orpo_ds.checkpoint.state import (
@@ -52,6 +53,7 @@ from orpo_ds.checkpoint.state import (
 )
 
 __all__ = [
+    "RUN_CONFIG", "RunStart", "resolve_run_start",
     "STATE_FILE", "LATEST", "MANIFEST", "ResumeError", "checkpoints_dir", "output_dir_of", "step_dir_name",
     "fault_point", "latest_checkpoint", "find_checkpoint", "resolve_resume", "clear_run_state", "write_manifest",
     "verify_files", "TrainerState", "pairs_fingerprint", "run_identity", "read_state", "check_compatible",

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from orpo_ds.checkpoint import RUN_CONFIG
 from orpo_ds.metrics import read_metrics
 from orpo_ds.preemption import EXIT_INTERRUPTED
-from orpo_ds.train import RUN_CONFIG
 from tests.distributed.conftest import REPO, base_overrides, launch, launch_command, run_env, wait_for_logged_steps
 from tests.helpers.synthetic import write_pairs
 

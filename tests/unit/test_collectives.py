@@ -19,12 +19,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from orpo_ds import distributed as dist_lib
 from orpo_ds.batch import prepare_micro_batch
 from orpo_ds.data import TokenizedPair
+from orpo_ds.distributed import raise_if_any_rank_failed
 from orpo_ds.evaluate import evaluate_pairs
 from orpo_ds.model import PolicyWithChunkedHead
 from orpo_ds.packing import build_row
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.step import train_step
-from orpo_ds.train import raise_if_any_rank_failed
 
 V = 53
 META = torch.device("meta")

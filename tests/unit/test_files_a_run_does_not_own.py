@@ -102,7 +102,7 @@ def test_train_into_a_model_folder_exits_2_before_any_work(tiny_model, tmp_path)
 
 
 def test_the_runs_config_is_not_named_like_a_models():
-    from orpo_ds.train import RUN_CONFIG
+    from orpo_ds.checkpoint import RUN_CONFIG
 
     assert RUN_CONFIG != "config.json" and RUN_CONFIG.startswith("orpo-ds")
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from orpo_ds import checkpoint as ckpt
+from orpo_ds.checkpoint import RUN_CONFIG
 from orpo_ds.config import ConfigError, load_config
 from orpo_ds.data import TokenizedPair
 from orpo_ds.ds_config import build_ds_config, read_ds_config
@@ -30,7 +31,6 @@ from orpo_ds.safe_files import (
     replace_dir,
     staging_dir,
 )
-from orpo_ds.train import RUN_CONFIG
 
 BASE = ["model.name_or_path=some/model", "data.train=pairs.jsonl"]
 REPO = Path(__file__).resolve().parents[2]
