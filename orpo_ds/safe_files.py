@@ -8,12 +8,14 @@ kill at any instant leaves with either the old or the new folder complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import secrets
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 # Written into every folder `orpo-ds export` or the end of training produces; only such a folder may be
@@ -182,31 +184,35 @@ def mark_export(folder: Path) -> None:
     (folder / EXPORT_MARKER).write_text("written by orpo-ds; a later export may replace this folder\n")
 
 
-class OutputDirLock:
-    """An exclusive ``flock`` on ``<output_dir>/.lock`` for the life of the process (rank 0 only).
+class FolderLock:
+    """An exclusive ``flock`` on ``<folder>/.lock``: a run's output_dir for the life of the run (rank 0
+    only), or the demo's assets folder while it is being filled.
 
     The kernel drops the lock when the process dies, SIGKILL included, so a requeued job never finds a
-    stale lock. The holder writes its pid and host into the file so a second run can name it.
+    stale lock. The holder writes its pid and host into the file so a second process can name it.
+    ``what`` names the folder in messages (the config key, for an output_dir).
     """
 
-    def __init__(self, output_dir: str | Path):
-        self.path = Path(output_dir) / LOCK_FILE
+    def __init__(self, folder: str | Path, what: str = "train.output_dir"):
+        self.path = Path(folder) / LOCK_FILE
+        self.what = what
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait: bool = False) -> None:
+        """Take the lock; with ``wait``, block until the holder releases it, else refuse at once."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # a read-only folder or mount
-            raise UnsafeOutputError(f"train.output_dir {str(self.path.parent)!r}: cannot write there "
+            raise UnsafeOutputError(f"{self.what} {str(self.path.parent)!r}: cannot write there "
                                     f"({_reason(exc)})") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError as exc:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UnsafeOutputError(f"train.output_dir {str(self.path.parent)!r} is in use by another run "
-                                    f"({holder}); wait for it, or give this run its own train.output_dir") from exc
+            raise UnsafeOutputError(f"{self.what} {str(self.path.parent)!r} is in use by another run "
+                                    f"({holder}); wait for it, or give this run its own {self.what}") from exc
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
         self._fd = fd
@@ -215,3 +221,11 @@ class OutputDirLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    @contextlib.contextmanager
+    def held(self, wait: bool = False) -> Iterator[None]:
+        self.acquire(wait=wait)
+        try:
+            yield
+        finally:
+            self.release()

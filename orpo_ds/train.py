@@ -45,7 +45,7 @@ from orpo_ds.model_files import (
 from orpo_ds.packing import ScheduledStep, layout_for, schedule_run
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.report import before_after_table, plot_metrics, run_line
-from orpo_ds.safe_files import OutputDirLock, UnsafeOutputError, atomic_write, check_export_target, claim_output_dir
+from orpo_ds.safe_files import FolderLock, UnsafeOutputError, atomic_write, check_export_target, claim_output_dir
 from orpo_ds.samples import PRINTED_CHARS, greedy_answers, sample_pairs, samples_markdown
 from orpo_ds.step import NonFiniteGuard, StepMetrics, train_step
 
@@ -56,11 +56,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lock_output_dir(out_dir: Path, info) -> OutputDirLock:
+def lock_output_dir(out_dir: Path, info) -> FolderLock:
     """Rank 0 claims ``out_dir`` for the run (:func:`claim_output_dir`: new, empty or an earlier run's)
     and holds ``<output_dir>/.lock``: a folder of other files, or a second run into the same folder,
     exits 2 before any work."""
-    lock, error = OutputDirLock(out_dir), None
+    lock, error = FolderLock(out_dir), None
     if info.is_main:
         try:
             claim_output_dir(out_dir)
@@ -141,7 +141,7 @@ class Run:
     recorder: StepMetrics
     log: MetricsLog
     start: ckpt_lib.TrainerState  # step 0, or the state of the checkpoint resumed from
-    lock: OutputDirLock
+    lock: FolderLock
     keepalive: Any  # ZeRO-3's HfDeepSpeedConfig (orpo_ds.engine.load_pretrained): held for the run
 
     def micro_batches(self, plan: ScheduledStep) -> list[MicroBatch]:

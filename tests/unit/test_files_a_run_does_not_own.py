@@ -281,7 +281,7 @@ def test_a_signal_during_start_up_exits_with_the_requeue_or_interrupt_code(tmp_p
 
 def test_a_read_only_run_folder_is_an_output_error_not_a_traceback(tmp_path, monkeypatch):
     import orpo_ds.safe_files as safe_files
-    from orpo_ds.safe_files import OutputDirLock
+    from orpo_ds.safe_files import FolderLock
 
     run = tmp_path / "run"
     claim_output_dir(run)  # an earlier run's folder, now on a read-only mount
@@ -294,7 +294,7 @@ def test_a_read_only_run_folder_is_an_output_error_not_a_traceback(tmp_path, mon
 
     monkeypatch.setattr(safe_files.os, "open", read_only)
     with pytest.raises(UnsafeOutputError, match="cannot write there.*Read-only file system"):
-        OutputDirLock(run).acquire()
+        FolderLock(run).acquire()
 
 
 def test_config_out_in_a_missing_folder_exits_2_before_importing(tmp_path):

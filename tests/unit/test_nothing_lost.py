@@ -24,7 +24,7 @@ from orpo_ds.ds_config import build_ds_config, read_ds_config
 from orpo_ds.metrics import MetricsLog, read_metrics
 from orpo_ds.safe_files import (
     EXPORT_MARKER,
-    OutputDirLock,
+    FolderLock,
     UnsafeOutputError,
     aside_paths,
     check_export_target,
@@ -249,7 +249,7 @@ def test_fresh_start_keeps_the_earlier_log_aside(tmp_path):
 
 
 def _hold_lock(folder, ready, release):
-    lock = OutputDirLock(folder)
+    lock = FolderLock(folder)
     lock.acquire()
     ready.set()
     release.wait(30)
@@ -263,11 +263,11 @@ def test_second_run_into_a_locked_output_dir_names_the_holder(tmp_path):
     try:
         assert ready.wait(30)
         with pytest.raises(UnsafeOutputError, match=f"pid {holder.pid} on host"):
-            OutputDirLock(tmp_path).acquire()
+            FolderLock(tmp_path).acquire()
     finally:
         release.set()
         holder.join(30)
-    lock = OutputDirLock(tmp_path)  # the holder exited: the kernel released its lock
+    lock = FolderLock(tmp_path)  # the holder exited: the kernel released its lock
     lock.acquire()
     lock.release()
 
