@@ -64,19 +64,26 @@ def segments_from_lengths(lengths: Sequence[int]) -> tuple[Segment, ...]:
     return tuple(segments)
 
 
-def resolve_attn_implementation(requested: str, *, share_prompt: bool = False) -> str:
-    """``auto`` -> flash_attention_2 where flash-attn and CUDA exist, else :data:`SEGMENTED_SDPA`; always
-    :data:`SEGMENTED_SDPA` with a shared prompt (the only backend here that lets a response attend to a
-    prompt outside its own slice of the row)."""
-    if requested == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None
-                                             or not torch.cuda.is_available()):
-        why = "the flash-attn package is not installed" if importlib.util.find_spec("flash_attn") is None else \
-            "there is no CUDA device"
-        raise ConfigError(f"model.attn_implementation=flash_attention_2: {why} (flash-attn builds and runs with "
-                          f"CUDA only: pip install 'orpo-ds[flash]'); use auto, {SEGMENTED_SDPA} or sdpa")
+def resolve_attn_implementation(requested: str, *, share_prompt: bool = False,
+                                dtype: torch.dtype | None = None) -> str:
+    """``auto`` -> flash_attention_2 where flash-attn and CUDA exist and the model runs in bf16 or fp16
+    (flash-attn has no fp32 kernel: an fp32 run there would fail at its first forward), else
+    :data:`SEGMENTED_SDPA`; always :data:`SEGMENTED_SDPA` with a shared prompt (the only backend here that
+    lets a response attend to a prompt outside its own slice of the row). ``dtype`` None: the run's dtype
+    is not known yet (an early check), so only the installation is checked."""
+    half = dtype is None or dtype in (torch.bfloat16, torch.float16)
+    if requested == "flash_attention_2":
+        missing = importlib.util.find_spec("flash_attn") is None
+        why = ("the flash-attn package is not installed" if missing else "there is no CUDA device"
+               if not torch.cuda.is_available() else None if half else f"flash-attn has no {dtype} kernel")
+        if why is not None:
+            raise ConfigError(f"model.attn_implementation=flash_attention_2: {why} (flash-attn runs in bf16 or "
+                              f"fp16 with CUDA only: pip install 'orpo-ds[flash]', train.precision=bf16); use "
+                              f"auto, {SEGMENTED_SDPA} or sdpa")
     if requested != "auto":
         return requested
-    if not share_prompt and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if (not share_prompt and half and torch.cuda.is_available()
+            and importlib.util.find_spec("flash_attn") is not None):
         return "flash_attention_2"
     return SEGMENTED_SDPA
 

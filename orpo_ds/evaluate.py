@@ -151,9 +151,10 @@ def evaluate_model_dir(model_dir: str, data: str, *, max_length: int = 1024, mic
     print(f"[data] {data}: {report.summary()}")
     if not pairs:
         raise DataError(f"--data {data}: no usable pair to evaluate ({report.summary()})")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if on_gpu else torch.float32,
-        attn_implementation=resolve_attn_implementation(attn_implementation)).to(device).eval()
+        model_dir, dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation, dtype=dtype),
+    ).to(device).eval()
     pad = pad_token_id(tokenizer)
     return evaluate_pairs(PolicyWithChunkedHead(model), pairs,
                           micro_batch_tokens=max(micro_batch_tokens, 2 * max_length), beta=beta,

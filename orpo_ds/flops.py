@@ -26,8 +26,19 @@ if TYPE_CHECKING:  # annotations only: the FLOP count needs no packing code
     from orpo_ds.data import TokenizedPair
     from orpo_ds.packing import ScheduledStep
 
-# Dense bf16 tensor-core peaks, FLOP/s, by a name ``torch.cuda.get_device_name`` contains (SXM parts).
+# Dense bf16 tensor-core peaks, FLOP/s, of the SXM parts the planner's --gpu names.
 BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peaks, FLOP/s, by the exact name ``torch.cuda.get_device_name`` returns. Source:
+# NVIDIA's H100, H200 and A100 datasheets, whose bf16 figures are "with sparsity": dense is half of them
+# (H100 SXM 1,979 -> 989; H100 PCIe 1,513 -> 756; H100 NVL 1,671 -> 835; H200 SXM 1,979 -> 989; H200 NVL
+# 1,671 -> 835; A100 312 dense). The PCIe and NVL parts run at lower clocks and power than the SXM ones,
+# so a substring match (the name contains "H100") would give them the SXM peak and understate their MFU.
+DEVICE_BF16_PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+}
 
 
 def decoder_matmul_params(config) -> int:
@@ -56,13 +67,14 @@ def step_flops(config, sequence_lengths: Iterable[int], head_positions: int) -> 
 
 
 def peak_flops(device_name: str | None, override_tflops: float | None) -> float | None:
-    """The per-device peak MFU divides by: ``train.peak_tflops`` when set, else the bf16 peak of a known
-    GPU; None (no MFU) on the CPU or an unknown device, rather than an invented peak."""
+    """The per-device peak MFU divides by: ``train.peak_tflops`` when set, else the bf16 peak of a GPU
+    named exactly in :data:`DEVICE_BF16_PEAK_FLOPS`; None (no MFU) on the CPU or an unknown device, rather
+    than an invented peak (set ``train.peak_tflops`` for those)."""
     if override_tflops:
         return override_tflops * 1e12
     if not device_name:
         return None
-    return next((peak for name, peak in BF16_PEAK_FLOPS.items() if name in device_name), None)
+    return DEVICE_BF16_PEAK_FLOPS.get(device_name.strip())
 
 
 def step_shape(plan: ScheduledStep, pairs: list[TokenizedPair], nll_on_prompt: bool) -> tuple[list[int], int]:

@@ -131,7 +131,7 @@ def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_s
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    attn = attention.resolve_attn_implementation(m.attn_implementation, share_prompt=share_prompt)
+    attn = attention.resolve_attn_implementation(m.attn_implementation, share_prompt=share_prompt, dtype=dtype)
     try:
         # Liger is decided from the config, before the weights load: an impossible model.liger_kernels=on
         # fails in seconds rather than after the load.

@@ -167,7 +167,7 @@ def start_run(cfg: Config) -> Run:
     check_max_length(cfg.data.max_length, read_model_config(cfg.model.name_or_path,
                                                             trust_remote_code=cfg.model.trust_remote_code),
                      "data.max_length")
-    resolve_attn_implementation(cfg.model.attn_implementation, share_prompt=t.share_prompt)  # refuse early
+    resolve_attn_implementation(cfg.model.attn_implementation, share_prompt=t.share_prompt, dtype=dtype)  # early
     tokenizer = load_tokenizer(cfg)
     pad_id = pad_token_id(tokenizer)
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)

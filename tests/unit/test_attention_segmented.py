@@ -139,3 +139,23 @@ def test_fused_gqa_equals_repeated_heads():
     got = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_auto_picks_flash_attention_only_for_half_precision(monkeypatch):
+    """Issue 34 item 2: with flash-attn and CUDA present, ``auto`` chose flash_attention_2 for fp32 runs too,
+    which flash-attn's kernels refuse at the first forward."""
+    import importlib.util
+
+    from orpo_ds.config import ConfigError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn"
+                        else real_find_spec(name, *a))
+    resolve = attention.resolve_attn_implementation
+    assert resolve("auto", dtype=torch.bfloat16) == resolve("auto", dtype=torch.float16) == "flash_attention_2"
+    assert resolve("auto", dtype=torch.float32) == SEGMENTED_SDPA
+    assert resolve("auto", dtype=torch.bfloat16, share_prompt=True) == SEGMENTED_SDPA
+    assert resolve("flash_attention_2", dtype=torch.bfloat16) == "flash_attention_2"
+    with pytest.raises(ConfigError, match="flash-attn has no torch.float32 kernel"):
+        resolve("flash_attention_2", dtype=torch.float32)

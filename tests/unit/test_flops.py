@@ -57,6 +57,14 @@ def test_peak_comes_from_the_override_or_the_table_and_never_for_the_cpu():
     assert peak_flops(None, None) is None and peak_flops("Some Future GPU", None) is None
 
 
+def test_the_peak_matches_the_exact_device_name_not_a_substring():
+    """Issue 34 item 6: H100 PCIe and NVL got the SXM part's peak because their names contain "H100"."""
+    assert peak_flops("NVIDIA H100 80GB HBM3", None) == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", None) == 756e12 and peak_flops("NVIDIA H100 NVL", None) == 835e12
+    assert peak_flops("NVIDIA H200 NVL", None) == 835e12
+    assert peak_flops("NVIDIA H100 something new", None) is None
+
+
 def test_attention_term_is_half_of_an_independent_count_of_full_attention():
     """The attention term, checked against torch's own count rather than its own formula: eager attention
     on each sequence alone runs QK^T and AV as ``bmm`` over the full ``[s, s]`` score matrix, 12 * d * s^2

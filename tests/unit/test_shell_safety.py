@@ -20,7 +20,7 @@ CALLER = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "CONFIG", "OVERRIDES", "OUTPUT_DIR
           "HOSTFILE", "NUM_NODES", "GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "LAUNCHER", "CPUS_PER_TASK",
           "EXIT_GRACE_S", "MAX_LENGTH", "SMOKE_DIR"}
 # The dry run the README documents for launch/orpo.sbatch.
-README_SBATCH = {"SLURM_JOB_ID": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[1-2]"}
+README_SBATCH = {"SLURM_JOB_ID": "1", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[1-2]", "SLURM_GPUS_ON_NODE": "8"}
 
 
 def dry_env(**env: str | None) -> dict[str, str]:
@@ -149,3 +149,16 @@ def test_the_readme_sbatch_dry_run_still_works():
     (line,) = proc.stdout.splitlines()
     assert shlex.split(line)[:2] == ["srun", "--nodes=2"]
     assert "--export=ALL,MASTER_ADDR=gpu1,MASTER_PORT=20001" in shlex.split(line)
+
+
+def test_an_sbatch_job_without_gpus_refuses_to_train_on_the_cpu_unless_asked():
+    """Issue 34 item 6: a job submitted without a GPU request saw no GPU on cgroup-fenced clusters and
+    trained on one CPU rank without a word."""
+    no_gpu = {**README_SBATCH, "SLURM_GPUS_ON_NODE": None, "DS_ACCELERATOR": None, "PATH": "/usr/bin:/bin"}
+    proc = run(["bash", str(LAUNCH / "orpo.sbatch")], **no_gpu)
+    assert proc.returncode == 2 and "sees no GPU" in proc.stderr and "--gpus-per-node" in proc.stderr
+    for allowed in ({"ORPO_ALLOW_CPU": "1"}, {"DS_ACCELERATOR": "cpu"}):
+        proc = run(["bash", str(LAUNCH / "orpo.sbatch")], **{**no_gpu, **allowed})
+        assert proc.returncode == 0 and "--gres" not in proc.stdout, proc.stderr
+    with_gpus = shlex.split(run(["bash", str(LAUNCH / "orpo.sbatch")], **README_SBATCH).stdout)
+    assert "--gres=gpu:8" in with_gpus and "--ntasks-per-node=8" in with_gpus
