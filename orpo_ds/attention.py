@@ -146,10 +146,22 @@ def segmented_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
             length = seg.end - seg.start
             own = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
             mask = torch.cat([own.new_ones(length, seg.context_length), own], dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                                 enable_gqa=gqa)
+            out = masked_attention(q, k, v, mask, dropout=dropout, scale=scaling, expand_kv=gqa and query.is_cuda)
         outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, dropout: float,
+                     scale: float | None, expand_kv: bool) -> torch.Tensor:
+    """sdpa of ``q`` ``[1, H, L, D]`` over ``k``, ``v`` ``[1, H_kv, S, D]`` under a boolean ``mask``
+    ``[L, S]``. ``expand_kv`` repeats each KV head over its query group first: on CUDA the flash kernel
+    refuses an explicit mask and the memory-efficient one refuses grouped heads, so without it sdpa falls
+    to the math kernel, which builds the full score matrix."""
+    groups = q.shape[1] // k.shape[1]
+    if expand_kv and groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _flash_varlen():

@@ -24,3 +24,19 @@ def test_segmented_sdpa_on_cuda_matches_dense_reference(name, segments, heads, k
     torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=tol, atol=tol)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g.double().cpu(), w, rtol=tol, atol=tol * max(1.0, w.abs().max().item()))
+
+
+def test_a_masked_grouped_head_call_runs_without_the_math_kernel():
+    """Issue 34 item 4: a shared prompt's masked call with grouped KV heads fell to sdpa's math kernel (flash
+    refuses a mask, memory-efficient refused grouped heads). With the KV heads expanded it must run with
+    the math kernel disabled."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from orpo_ds.attention import masked_attention
+
+    q = torch.randn(1, 9, 64, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 3, 96, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(64, 96, dtype=torch.bool, device="cuda").tril(diagonal=32)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = masked_attention(q, k, v, mask, dropout=0.0, scale=None, expand_kv=True)
+    assert out.shape == (1, 9, 64, 64) and torch.isfinite(out).all()

@@ -159,3 +159,19 @@ def test_auto_picks_flash_attention_only_for_half_precision(monkeypatch):
     assert resolve("flash_attention_2", dtype=torch.bfloat16) == "flash_attention_2"
     with pytest.raises(ConfigError, match="flash-attn has no torch.float32 kernel"):
         resolve("flash_attention_2", dtype=torch.float32)
+
+
+def test_masked_attention_with_kv_expanded_equals_grouped_heads():
+    """Issue 34 item 4: on CUDA the masked call repeats each KV head over its query group, so that sdpa's
+    memory-efficient kernel qualifies; the result must equal the grouped-head call, values and gradients."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 5, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(2))
+    mask = torch.rand(5, 9) > 0.3
+    mask[:, 0] = True  # every query sees at least one key
+    grouped = attention.masked_attention(q, k, v, mask, dropout=0.0, scale=None, expand_kv=False)
+    grads = torch.autograd.grad(grouped.square().sum(), (q, k, v))
+    expanded = attention.masked_attention(q, k, v, mask, dropout=0.0, scale=None, expand_kv=True)
+    torch.testing.assert_close(expanded, grouped, rtol=1e-6, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(expanded.square().sum(), (q, k, v)), grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
