@@ -14,6 +14,10 @@ Backends (``model.attn_implementation``):
   per :class:`Segment`, or on CUDA with flash-attn one varlen call over all of them, with the keys of
   each segment gathered as its context followed by its own (separate ``cu_seqlens_q`` / ``cu_seqlens_k``;
   flash-attn's causal mask is aligned to the bottom right when a segment has more keys than queries).
+* :data:`VARLEN_ATTN`: PyTorch's own varlen flash attention (``torch.nn.attention.varlen``, torch >= 2.10,
+  CUDA and bf16/fp16 only): the segments in one call, as above, with no flash-attn build. ``auto`` picks it
+  on CUDA where flash-attn is absent, for rows without a shared prompt (its causal alignment for a segment
+  with more keys than queries has not been checked on a GPU yet).
 * ``sdpa`` / ``eager``: transformers' own, with the dense mask (the reference the tests compare against).
 
 The segment metadata is host-side, built once per micro-batch from the packer's lengths, so no layer
@@ -36,6 +40,7 @@ from torch.nn import functional as F
 from orpo_ds.config import ConfigError
 
 SEGMENTED_SDPA = "segmented_sdpa"
+VARLEN_ATTN = "varlen_attn"
 # Backends that take a packed row's boundaries as flash-attn varlen arguments.
 VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
 
@@ -66,32 +71,48 @@ def segments_from_lengths(lengths: Sequence[int]) -> tuple[Segment, ...]:
 
 def resolve_attn_implementation(requested: str, *, share_prompt: bool = False,
                                 dtype: torch.dtype | None = None) -> str:
-    """``auto`` -> flash_attention_2 where flash-attn and CUDA exist and the model runs in bf16 or fp16
-    (flash-attn has no fp32 kernel: an fp32 run there would fail at its first forward), else
-    :data:`SEGMENTED_SDPA`; always :data:`SEGMENTED_SDPA` with a shared prompt (the only backend here that
-    lets a response attend to a prompt outside its own slice of the row). ``dtype`` None: the run's dtype
-    is not known yet (an early check), so only the installation is checked."""
+    """``auto`` -> on CUDA in bf16/fp16, flash_attention_2 where flash-attn is installed, else
+    :data:`VARLEN_ATTN` where torch has it; otherwise :data:`SEGMENTED_SDPA`. With a shared prompt always
+    :data:`SEGMENTED_SDPA` (the backend whose context alignment is tested; on CUDA with flash-attn it makes
+    one varlen call itself). Neither flash kernel has an fp32 kernel, so an fp32 run never gets one.
+    ``dtype`` None: the run's dtype is not known yet (an early check), so only the installation is checked.
+    A backend asked for by name that cannot run here is a :class:`ConfigError` that says why."""
     half = dtype is None or dtype in (torch.bfloat16, torch.float16)
-    if requested == "flash_attention_2":
-        missing = importlib.util.find_spec("flash_attn") is None
-        why = ("the flash-attn package is not installed" if missing else "there is no CUDA device"
-               if not torch.cuda.is_available() else None if half else f"flash-attn has no {dtype} kernel")
-        if why is not None:
-            raise ConfigError(f"model.attn_implementation=flash_attention_2: {why} (flash-attn runs in bf16 or "
-                              f"fp16 with CUDA only: pip install 'orpo-ds[flash]', train.precision=bf16); use "
-                              f"auto, {SEGMENTED_SDPA} or sdpa")
+    if requested in ("flash_attention_2", VARLEN_ATTN):
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            why = "the flash-attn package is not installed (pip install 'orpo-ds[flash]')"
+        elif requested == VARLEN_ATTN and torch_varlen_attn() is None:
+            why = f"torch {torch.__version__} has no torch.nn.attention.varlen (it needs torch >= 2.10)"
+        elif not torch.cuda.is_available():
+            why = "there is no CUDA device"
+        elif not half:
+            why = f"it has no {dtype} kernel (train.precision=bf16)"
+        else:
+            return requested
+        raise ConfigError(f"model.attn_implementation={requested}: {why}; it runs in bf16 or fp16 on CUDA only. "
+                          f"Use auto, {SEGMENTED_SDPA} or sdpa")
     if requested != "auto":
         return requested
-    if (not share_prompt and half and torch.cuda.is_available()
-            and importlib.util.find_spec("flash_attn") is not None):
+    if share_prompt or not half or not torch.cuda.is_available():
+        return SEGMENTED_SDPA
+    if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return SEGMENTED_SDPA
+    return VARLEN_ATTN if torch_varlen_attn() is not None else SEGMENTED_SDPA
+
+
+def torch_varlen_attn():
+    """``torch.nn.attention.varlen.varlen_attn``, or None in a torch without it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 def backend_kwargs(implementation: str, segments: tuple[Segment, ...], cu_seqlens: torch.Tensor | None,
                    max_seqlen: int | None) -> dict:
     """The extra keyword arguments the decoder body passes down to ``implementation`` for one row."""
-    if implementation == SEGMENTED_SDPA:
+    if implementation in (SEGMENTED_SDPA, VARLEN_ATTN):
         return {"attention_segments": segments}
     if segments and any(seg.context_length for seg in segments):
         # The dense backends would read the continuing position ids as one long sequence, and varlen gets
@@ -213,12 +234,51 @@ def _flash_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out[None]
 
 
+def torch_varlen_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          segments: tuple[Segment, ...], scaling: float | None) -> torch.Tensor:
+    """The segments through one ``torch.nn.attention.varlen.varlen_attn`` call, keys gathered as
+    :func:`_flash_segments` gathers them. Shapes as :func:`segmented_sdpa`; returns ``[1, T, H, D]``.
+
+    The call's signature changed across torch versions: 2.10 takes ``is_causal``, later ones
+    ``window_size`` (``(-1, 0)`` is causal), and from 2.12 ``enable_gqa``; without it the KV heads are
+    repeated over their query groups here."""
+    import inspect
+
+    fn = torch_varlen_attn()
+    params = inspect.signature(fn).parameters
+    args = varlen_args(segments, query.device)
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    k = key[0].transpose(0, 1).index_select(0, args.key_index)  # [Tk, H_kv, D]
+    v = value[0].transpose(0, 1).index_select(0, args.key_index)
+    options = {"scale": scaling}
+    options.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+    groups = q.shape[1] // k.shape[1]
+    if "enable_gqa" in params:
+        options["enable_gqa"] = groups > 1
+    elif groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = fn(q, k, v, args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k, **options)
+    return out[None]
+
+
+def varlen_attn_segments(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, *, attention_segments: tuple[Segment, ...] | None = None,
+                         scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function for :data:`VARLEN_ATTN`: the row's segments through PyTorch's own
+    varlen flash attention. Arguments and result as :func:`segmented_sdpa`."""
+    if attention_segments is None or dropout != 0.0:
+        raise ValueError(f"attn_implementation={VARLEN_ATTN!r} needs the row's attention_segments and no dropout; "
+                         f"run the model through orpo_ds.model.PolicyWithChunkedHead")
+    return torch_varlen_segments(query, key, value, attention_segments, scaling), None
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
     # No mask function is registered under this name on purpose: transformers then builds no mask at all
     # (its mask preprocessing exits early for attention functions without one).
     AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa)
+    AttentionInterface.register(VARLEN_ATTN, varlen_attn_segments)
 
 
 _register()

@@ -20,7 +20,7 @@ from typing import Any
 
 from orpo_ds.config_text import ConfigError, TypedOverride, load_yaml, parse_override
 
-ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "segmented_sdpa", "sdpa", "flex_attention", "eager")
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "varlen_attn", "segmented_sdpa", "sdpa", "flex_attention", "eager")
 LIGER_KERNELS = ("auto", "on", "off")
 REPORT_TO = ("tensorboard", "wandb")
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from orpo_ds.attention import SEGMENTED_SDPA
+from orpo_ds.attention import SEGMENTED_SDPA, VARLEN_ATTN
 from orpo_ds.data import TokenizedPair
 from orpo_ds.model_files import pad_token_id
 
@@ -21,15 +21,16 @@ PRINTED_CHARS = 400  # of each text, in the answers the end-of-run summary print
 
 @contextmanager
 def generation_attention(causal_lm):
-    """sdpa (with its padding mask) in place of :data:`SEGMENTED_SDPA` while generating; other backends
-    (flash-attn) generate as they are."""
+    """sdpa (with its padding mask) in place of :data:`SEGMENTED_SDPA` or :data:`VARLEN_ATTN` while
+    generating; other backends (flash-attn) generate as they are."""
     trained_with = causal_lm.config._attn_implementation
-    if trained_with == SEGMENTED_SDPA:
+    swap = trained_with in (SEGMENTED_SDPA, VARLEN_ATTN)  # both need a packed row's segments
+    if swap:
         causal_lm.set_attn_implementation("sdpa")
     try:
         yield
     finally:
-        if trained_with == SEGMENTED_SDPA:
+        if swap:
             causal_lm.set_attn_implementation(trained_with)
 
 

@@ -40,3 +40,25 @@ def test_a_masked_grouped_head_call_runs_without_the_math_kernel():
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         out = masked_attention(q, k, v, mask, dropout=0.0, scale=None, expand_kv=True)
     assert out.shape == (1, 9, 64, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name, segments, heads, kv_heads, dim", CASES, ids=[c[0] for c in CASES])
+def test_torch_varlen_on_cuda_matches_dense_reference(name, segments, heads, kv_heads, dim):
+    """Issue 34 item 1: PyTorch's own varlen flash attention, bf16, values and gradients, plain packed rows
+    and context (shared-prompt) segments. The context cases check the causal alignment when a segment has
+    more keys than queries, which ``auto`` does not rely on until this passes on a GPU."""
+    from orpo_ds.attention import torch_varlen_attn, torch_varlen_segments
+
+    if torch_varlen_attn() is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    T, tol = segments[-1].end, 2e-2
+    q64, k64, v64 = _qkv(T, heads, kv_heads, dim, seed=len(name))
+    q, k, v = (t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in (q64, k64, v64))
+    got = torch_varlen_segments(q, k, v, segments, dim ** -0.5)
+    upstream = torch.randn(got.shape, dtype=torch.float64)
+    got_grads = torch.autograd.grad((got.double() * upstream.cuda()).sum(), (q, k, v))
+    want = dense_reference(q64, k64, v64, segments, dim ** -0.5)
+    want_grads = torch.autograd.grad((want * upstream).sum(), (q64, k64, v64))
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=tol, atol=tol)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g.double().cpu(), w, rtol=tol, atol=tol * max(1.0, w.abs().max().item()))

@@ -41,7 +41,8 @@ def test_dry_run_prints_the_plan_and_passes_with_every_wheel(tmp_path):
                WORK_DIR=str(tmp_path / "work"), BIG_STEPS="12")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    for part in ("1. install", "2. gpu-tests", "3. smoke", "3b. smoke-share", "4. big-model", "5. zero3-0.5b"):
+    for part in ("1. install", "2. gpu-tests", "3. smoke", "3b. smoke-share", "3c. varlen-attn", "4. big-model",
+                 "5. zero3-0.5b"):
         assert f"[plan] {part} (" in out
     assert "NOT SmolLM2-135M on the demo" in out  # what the one-GPU run is not, said plainly
     assert "0.50B parameters" in out

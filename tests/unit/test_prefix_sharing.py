@@ -290,3 +290,79 @@ def test_the_loss_curve_over_20_steps_is_unchanged_to_1e_4():
     separate, shared = curves.values()
     assert shared == pytest.approx(separate, rel=1e-4, abs=1e-4)
     assert sum(separate[-5:]) < sum(separate[:5]) - 0.5  # the curve moved: the updates were real
+
+
+# ------------------------------------------------------------ PyTorch's own varlen (issue 34 item 1)
+
+
+def _torch_varlen_stand_in(signature: str, calls: list):
+    """``torch.nn.attention.varlen.varlen_attn`` of one torch version, on the CPU: the flash contract above
+    (bottom-right causal: an assumption to check on a GPU, see tests/gpu), with that version's keywords."""
+
+    def v2_10(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):
+        calls.append({"is_causal": is_causal, "kv_heads": k.shape[1]})
+        return flash_varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=is_causal)
+
+    def v2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        calls.append({"window_size": window_size, "kv_heads": k.shape[1]})
+        return flash_varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale,
+                                     causal=window_size == (-1, 0))
+
+    def v2_12(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert enable_gqa or q.shape[1] == k.shape[1]
+        calls.append({"window_size": window_size, "enable_gqa": enable_gqa, "kv_heads": k.shape[1]})
+        return flash_varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale,
+                                     causal=window_size == (-1, 0))
+
+    return {"2.10": v2_10, "2.11": v2_11, "2.12": v2_12}[signature]
+
+
+@pytest.mark.parametrize("version, expected", [
+    ("2.10", {"is_causal": True, "kv_heads": 4}),  # no enable_gqa: the KV heads are repeated here
+    ("2.11", {"window_size": (-1, 0), "kv_heads": 4}),
+    ("2.12", {"window_size": (-1, 0), "enable_gqa": True, "kv_heads": 2}),
+])
+def test_torch_varlen_gets_each_versions_arguments_and_matches_the_full_mask(monkeypatch, version, expected):
+    from orpo_ds import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "torch_varlen_attn", lambda: _torch_varlen_stand_in(version, calls))
+    pairs = [TokenizedPair(1, (3, 4, 5), (6, 2), (7, 8, 9, 2)), TokenizedPair(2, (3,), (5, 2), (6, 2))]
+    row = build_row(pairs, SHARED)
+    segments, t = row_segments(row), row.num_tokens
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, t, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, t, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    got = attention.torch_varlen_segments(q, k, v, segments, None)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(segments, t), enable_gqa=True).transpose(1, 2)
+    assert calls == [expected]
+    torch.testing.assert_close(got, want)
+    up = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad((got * up).sum(), (q, k, v)), torch.autograd.grad((want * up).sum(), (q, k, v)),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_prefers_torch_varlen_on_cuda_without_flash_attn_and_refuses_it_where_it_cannot_run(monkeypatch):
+    import importlib.util
+
+    from orpo_ds import attention
+    from orpo_ds.config import ConfigError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn"
+                        else real_find_spec(name, *a))
+    resolve = attention.resolve_attn_implementation
+    with pytest.raises(ConfigError, match="varlen_attn: there is no CUDA device"):
+        resolve("varlen_attn", dtype=torch.bfloat16)  # this machine: no CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "torch_varlen_attn", lambda: _torch_varlen_stand_in("2.12", []))
+    assert resolve("auto", dtype=torch.bfloat16) == attention.VARLEN_ATTN
+    assert resolve("auto", dtype=torch.bfloat16, share_prompt=True) == attention.SEGMENTED_SDPA
+    assert resolve("auto", dtype=torch.float32) == attention.SEGMENTED_SDPA
+    with pytest.raises(ConfigError, match="varlen_attn: it has no torch.float32 kernel"):
+        resolve("varlen_attn", dtype=torch.float32)
+    monkeypatch.setattr(attention, "torch_varlen_attn", lambda: None)  # a torch before 2.10
+    assert resolve("auto", dtype=torch.bfloat16) == attention.SEGMENTED_SDPA
+    with pytest.raises(ConfigError, match=r"has no torch.nn.attention.varlen \(it needs torch >= 2.10\)"):
+        resolve("varlen_attn", dtype=torch.bfloat16)
