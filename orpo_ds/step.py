@@ -18,7 +18,7 @@ from orpo_ds.batch import MicroBatch, micro_batch_loss
 from orpo_ds.data import TokenizedPair
 from orpo_ds.flops import step_flops, step_shape
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
-from orpo_ds.packing import ScheduledStep
+from orpo_ds.packing import ScheduledStep, fill_ratio
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,7 +120,7 @@ class StepMetrics:
         record = {"step": step, "epoch": plan.epoch, **orpo_metrics(stats.sums, self.beta), "grad_norm": grad_norm,
                   "lr": lr, "pairs": int(stats.sums["pairs"]), "tokens": int(stats.tokens),
                   "sequence_tokens": sum(lengths), "tokens_per_s": stats.tokens / seconds,
-                  "packing_efficiency": stats.tokens / (plan.num_filled_rows * self.micro_batch_tokens),
+                  "packing_efficiency": fill_ratio(stats.tokens, plan.num_filled_rows, self.micro_batch_tokens),
                   "step_s": seconds}
         if self.peak_flops:
             flops = step_flops(self.model_config, lengths, head_positions)

@@ -52,7 +52,7 @@ Layouts. A :class:`PairLayout` decides how a pair's tokens sit in a row: it repo
 :func:`pack_pairs` and ``prepare_micro_batch`` do not change with the layout.
 """
 
-from orpo_ds.packing.bins import pack_pairs, packing_efficiency
+from orpo_ds.packing.bins import fill_ratio, pack_pairs, packing_efficiency
 from orpo_ds.packing.layout import (
     DEFAULT_LAYOUT,
     LaidOutSequence,
@@ -66,6 +66,6 @@ from orpo_ds.packing.schedule import ScheduledStep, reschedule_run, schedule_epo
 
 __all__ = [
     "LaidOutSequence", "PairLayout", "SeparateSequencesLayout", "SharedPromptLayout", "DEFAULT_LAYOUT",
-    "layout_for", "PackedRow", "pack_pairs", "packing_efficiency", "schedule_steps", "ScheduledStep",
+    "layout_for", "PackedRow", "pack_pairs", "packing_efficiency", "fill_ratio", "schedule_steps", "ScheduledStep",
     "schedule_epoch", "schedule_run", "reschedule_run", "build_row",
 ]

@@ -110,13 +110,15 @@ def pack_pairs(pair_num_tokens: Sequence[int], micro_batch_tokens: int, *, seed:
     return [bins[b] for b in rng.permutation(len(bins)).tolist()]
 
 
+def fill_ratio(tokens: int, rows: int, micro_batch_tokens: int) -> float:
+    """``tokens`` over the capacity of ``rows`` rows of ``micro_batch_tokens``: the packing efficiency.
+    0.0 for no rows."""
+    return tokens / (rows * micro_batch_tokens) if rows else 0.0
+
+
 def packing_efficiency(bins: Sequence[Sequence[int]], pair_num_tokens: Sequence[int],
                        micro_batch_tokens: int) -> float:
-    """Real tokens over the capacity of the bins: ``sum(tokens) / (len(bins) * micro_batch_tokens)``.
-    0.0 for no bins."""
+    """Real tokens over the capacity of the bins (:func:`fill_ratio`). 0.0 for no bins."""
     _check_int_at_least("micro_batch_tokens", micro_batch_tokens, 1)
-    if not bins:
-        return 0.0
     sizes = np.asarray(pair_num_tokens, dtype=np.int64)
-    used = sum(int(sizes[list(b)].sum()) for b in bins)
-    return used / (len(bins) * micro_batch_tokens)
+    return fill_ratio(sum(int(sizes[list(b)].sum()) for b in bins), len(bins), micro_batch_tokens)
