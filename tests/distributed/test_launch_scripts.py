@@ -133,4 +133,4 @@ def test_dry_runs_print_the_commands(tmp_path):
                      CONFIG="configs/demo.yaml", OVERRIDES="train.lr=2e-5")
     assert cmd == ["srun", "--nodes=3", "--ntasks=12", "--ntasks-per-node=4", "--cpus-per-task=16",
                    "--kill-on-bad-exit=0", "--wait=300", "--export=ALL,MASTER_ADDR=gpu07,MASTER_PORT=20077",
-                   PYTHON, "-m", "orpo_ds", "train", "--config", "configs/demo.yaml", "train.lr=2e-5"]
+                   "--gres=gpu:4", PYTHON, "-m", "orpo_ds", "train", "--config", "configs/demo.yaml", "train.lr=2e-5"]

@@ -219,7 +219,7 @@ def _dry_run(cluster: Cluster, **env) -> list[str]:
     base = {k: v for k, v in cluster.env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
     base.update(PYTHON="/opt/py/bin/python", CONFIG="configs/demo.yaml", OVERRIDES="train.lr=1e-5  loss.beta=0.2",
                 OUTPUT_DIR="/runs/my run", SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="n[1-2]",
-                SLURM_CPUS_ON_NODE="8", DRY_RUN="1")
+                SLURM_CPUS_ON_NODE="8", DRY_RUN="1", DS_ACCELERATOR="cpu")  # a CPU cluster: no GPU to ask srun for
     base.update(env)
     proc = cluster.run("bash", str(SBATCH_SCRIPT), env=base)
     lines = proc.stdout.splitlines()
