@@ -157,7 +157,7 @@ def test_auto_picks_flash_attention_only_for_half_precision(monkeypatch):
     assert resolve("auto", dtype=torch.float32) == SEGMENTED_SDPA
     assert resolve("auto", dtype=torch.bfloat16, share_prompt=True) == SEGMENTED_SDPA
     assert resolve("flash_attention_2", dtype=torch.bfloat16) == "flash_attention_2"
-    with pytest.raises(ConfigError, match="flash-attn has no torch.float32 kernel"):
+    with pytest.raises(ConfigError, match="flash_attention_2: it has no torch.float32 kernel"):
         resolve("flash_attention_2", dtype=torch.float32)
 
 
