@@ -155,7 +155,7 @@ def test_build_policy_patches_the_body_when_liger_resolves_on(tmp_path, monkeypa
 
     _llama().save_pretrained(tmp_path / "m")
     # Pretend the run's device is CUDA: resolution and patching happen on the host and run no kernel.
-    monkeypatch.setattr(model_lib.eng_lib, "comm_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(model_lib.dist_lib, "comm_device", lambda: torch.device("cuda", 0))
     policy, _ = build_policy(ModelConfig(name_or_path=str(tmp_path / "m"), liger_kernels="on"), {},
                              torch.float32, chunk_size=8)
     assert (policy.liger.layers, policy.liger.head) == (True, True)
