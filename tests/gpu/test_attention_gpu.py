@@ -13,10 +13,17 @@ from tests.unit.test_attention_segmented import CASES, _qkv, dense_reference
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("name, segments, heads, kv_heads, dim", CASES, ids=[c[0] for c in CASES])
 def test_segmented_sdpa_on_cuda_matches_dense_reference(name, segments, heads, kv_heads, dim, dtype, tol):
+    attend = lambda q, k, v: segmented_sdpa(None, q, k, v, None, attention_segments=segments,  # noqa: E731
+                                            scaling=dim ** -0.5)[0]
+    _check_on_cuda_against_dense(attend, name, segments, heads, kv_heads, dim, dtype, tol)
+
+
+def _check_on_cuda_against_dense(attend, name, segments, heads, kv_heads, dim, dtype, tol):
+    """``attend(q, k, v)`` on CUDA in ``dtype`` against the float64 dense reference, values and gradients."""
     T = segments[-1].end
     q64, k64, v64 = _qkv(T, heads, kv_heads, dim, seed=len(name))
     q, k, v = (t.detach().to("cuda", dtype).requires_grad_() for t in (q64, k64, v64))
-    got, _ = segmented_sdpa(None, q, k, v, None, attention_segments=segments, scaling=dim ** -0.5)
+    got = attend(q, k, v)
     upstream = torch.randn(got.shape, dtype=torch.float64)
     got_grads = torch.autograd.grad((got.double() * upstream.cuda()).sum(), (q, k, v))
     want = dense_reference(q64, k64, v64, segments, dim ** -0.5)
@@ -51,14 +58,5 @@ def test_torch_varlen_on_cuda_matches_dense_reference(name, segments, heads, kv_
 
     if torch_varlen_attn() is None:
         pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
-    T, tol = segments[-1].end, 2e-2
-    q64, k64, v64 = _qkv(T, heads, kv_heads, dim, seed=len(name))
-    q, k, v = (t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in (q64, k64, v64))
-    got = torch_varlen_segments(q, k, v, segments, dim ** -0.5)
-    upstream = torch.randn(got.shape, dtype=torch.float64)
-    got_grads = torch.autograd.grad((got.double() * upstream.cuda()).sum(), (q, k, v))
-    want = dense_reference(q64, k64, v64, segments, dim ** -0.5)
-    want_grads = torch.autograd.grad((want * upstream).sum(), (q64, k64, v64))
-    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=tol, atol=tol)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g.double().cpu(), w, rtol=tol, atol=tol * max(1.0, w.abs().max().item()))
+    _check_on_cuda_against_dense(lambda q, k, v: torch_varlen_segments(q, k, v, segments, dim ** -0.5), name,
+                                 segments, heads, kv_heads, dim, torch.bfloat16, 2e-2)
