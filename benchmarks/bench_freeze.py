@@ -48,7 +48,7 @@ def make_step(trainable_layers: int | None, tokens: int):
     def step() -> float:
         start = time.perf_counter()
         loss = -policy(input_ids=input_ids, position_ids=position_ids, head_positions=head_positions,
-                       head_labels=labels).mean()
+                       head_labels=labels).token_logps.mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ Variants:
 * ``packed_logits`` (optional): packed rows through ``model(...).logits`` on the whole row + ``log_softmax``
   + ``gather``: packing alone, with the padded variant's naive head instead of the chunked one.
 * ``packed_labelled``: the orpo-ds training path, ``prepare_micro_batch(row, nll_on_prompt=False)``,
-  ``PolicyWithChunkedHead(model)(**mb.model_inputs())``, ``micro_batch_loss``: the head only sees the
+  ``PolicyWithChunkedHead(model)(**mb.model_inputs()).token_logps``, ``micro_batch_loss``: the head only sees the
   response tokens.
 * ``seqwise_labelled``: as ``packed_labelled``, but the decoder body runs each sequence of the row on its
   own (batch 1, no mask, causal sdpa). It does the attention work flash-attn varlen does on a GPU (the
@@ -211,7 +211,7 @@ def child(args) -> None:
     def loss_packed(item):
         mb, seq_lengths = item
         if variant in ("packed_full", "packed_labelled"):
-            token_logps = policy(**mb.model_inputs())
+            token_logps = policy(**mb.model_inputs()).token_logps
         elif variant == "packed_logits":
             logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
             logp = logits.log_softmax(-1)[mb.head_positions]

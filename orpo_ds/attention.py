@@ -69,6 +69,13 @@ def segments_from_lengths(lengths: Sequence[int]) -> tuple[Segment, ...]:
     return tuple(segments)
 
 
+def ulysses_sizes(heads: int, kv_heads: int, up_to: int) -> list[int]:
+    """The sequence-parallel sizes (2..``up_to``) DeepSpeed's Ulysses can split these heads over: each rank
+    gets ``heads / N`` query heads, and the KV heads split evenly, or are replicated when ``N`` is a
+    multiple of their count."""
+    return [n for n in range(2, up_to + 1) if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
+
+
 def resolve_attn_implementation(requested: str, *, share_prompt: bool = False,
                                 dtype: torch.dtype | None = None) -> str:
     """``auto`` -> on CUDA in bf16/fp16, flash_attention_2 where flash-attn is installed, else

@@ -91,7 +91,7 @@ def _stop_during_start_up(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
     if args.command == "train" and argv is None:  # a process of its own, not a call from Python code
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):  # SIGTERM's last: once it is caught, all are
             signal.signal(sig, _stop_during_start_up)
     try:
         if args.command == "train":

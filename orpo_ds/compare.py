@@ -11,6 +11,7 @@ spread of 40 pairs cannot hide behind.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,7 @@ def paired_bootstrap(before: np.ndarray, after: np.ndarray, figure: str, *, resa
     return Change(float(figure_of(before, figure)), float(figure_of(after, figure)), float(low), float(high))
 
 
-def seen_sample(train_pairs: list[TokenizedPair], count: int, seed: int = 0) -> list[TokenizedPair]:
+def seen_sample(train_pairs: Sequence[TokenizedPair], count: int, seed: int = 0) -> list[TokenizedPair]:
     """A fixed sample of ``count`` training pairs (all of them when there are fewer), in file order; it
     depends on the seed and the data only, not on the run's packing."""
     chosen = sorted(random.Random(seed).sample(range(len(train_pairs)), min(count, len(train_pairs))))

@@ -121,9 +121,15 @@ class LossConfig:
     # tokens per chunk of the log-prob head; null: orpo_ds.logps.auto_chunk_size (1024, fewer for
     # vocabularies above 64k so that the fp32 [chunk, V] buffer stays within 256 MiB)
     chunk_size: int | None = None
+    # mixture-of-experts models: weight of the router's load-balancing loss. null: the model config's
+    # router_aux_loss_coef when its output_router_logits is true (TRL's rule), else no such loss; a number
+    # turns it on with that weight, whatever the model config says
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self):
         require(self.beta >= 0, "loss.beta", f"must be >= 0, got {self.beta}")
+        require(self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0, "loss.router_aux_loss_coef",
+                f"must be >= 0 or null (the model config's), got {self.router_aux_loss_coef}")
         require(self.chunk_size is None or self.chunk_size >= 1, "loss.chunk_size",
                  f"must be >= 1 or null (auto), got {self.chunk_size}")
 
@@ -143,6 +149,9 @@ class TrainConfig:
     max_steps: int = 0  # > 0 caps the number of optimizer steps; 0 runs `epochs` epochs
     micro_batch_tokens: int = 8192  # token budget of one packed micro-batch (one row)
     grad_accum: int = 1  # micro-batches per rank per optimizer step
+    # ranks that share each packed row, each holding a contiguous 1/N of it (DeepSpeed Ulysses attention);
+    # the world splits into world/N data-parallel replicas of N ranks
+    sequence_parallel_size: int = 1
     # Lay each pair out as prompt, chosen, rejected: the prompt is encoded once for both responses
     # (orpo_ds.packing.SharedPromptLayout; same losses and gradients as without). Needs segmented_sdpa.
     share_prompt: bool = False
@@ -194,6 +203,8 @@ class TrainConfig:
         require(self.micro_batch_tokens >= 2, "train.micro_batch_tokens",
                  f"must be >= 2, got {self.micro_batch_tokens}")
         require(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        require(self.sequence_parallel_size >= 1, "train.sequence_parallel_size",
+                f"must be >= 1, got {self.sequence_parallel_size}")
         require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
         require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
                  f"{self.precision!r} is not one of auto, bf16, fp32")

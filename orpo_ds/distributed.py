@@ -11,9 +11,14 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from orpo_ds.attention import ulysses_sizes
+from orpo_ds.config import ConfigError
+from orpo_ds.flops import expert_layout
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,96 @@ def host_values(values: torch.Tensor) -> list[float]:
 def reduce_to_host(values: torch.Tensor) -> list[float]:
     """:func:`all_reduce_sum`, then one host read: the numbers every rank agrees on."""
     return host_values(all_reduce_sum(values))
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """This rank's place in a world of ``world / size`` data-parallel replicas of ``size`` consecutive ranks
+    that share every packed row (``train.sequence_parallel_size``)."""
+
+    size: int
+    index: int  # this rank's shard of each row, 0..size-1
+    replica: int  # the data-parallel replica (the rows it trains), 0..replicas-1
+    replicas: int
+    group: Any  # the replica's process group (None in a world without sequence parallelism)
+
+    def sum_sequences(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` (per-sequence log-prob sums or token counts) over the replica's ranks; see
+        :class:`_SumForAReplicatedLoss` for the gradient."""
+        return _SumForAReplicatedLoss.apply(tensor, self.group) if self.size > 1 else tensor
+
+
+class _SumForAReplicatedLoss(torch.autograd.Function):
+    """All-reduce (sum) in forward; the upstream gradient unchanged in backward.
+
+    Right when every rank of the group computes the same loss from the sum and backpropagates it, as the
+    ranks sharing a row do with its sequences' log-prob sums: the loss depends on this rank's tensor
+    through the sum with weight 1, and each rank's part of the gradient reaches its own tokens only; the
+    engine's sum over ranks then adds the parts up. An all-reduce in backward would count them N times.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def check_sequence_parallel(size: int, world_size: int, model_config) -> None:
+    """Refuse a ``train.sequence_parallel_size`` the world or the model cannot split, before any work:
+    the ranks must divide into replicas of ``size``, the model must not be a mixture of experts (its
+    router's figures are per row), and Ulysses splits the attention heads over the ranks (the query heads
+    evenly; the KV heads evenly, or replicated when ``size`` is a multiple of their count)."""
+    if size == 1:
+        return
+    key = "train.sequence_parallel_size"
+    if world_size % size:
+        raise ConfigError(f"{key}: {size} does not divide the {world_size} ranks into replicas; use a divisor of "
+                          f"{world_size}")
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    experts = expert_layout(text)
+    if experts is not None:  # refused from the declared config, before the model loads
+        refuse_experts(size, experts.experts, experts.experts_per_token)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if size not in ulysses_sizes(heads, kv_heads, size):
+        working = ulysses_sizes(heads, kv_heads, heads)
+        raise ConfigError(f"{key}: {size} cannot split the model's {heads} attention heads and {kv_heads} KV heads "
+                          f"(Ulysses gives each rank heads/N of them); sizes that work: "
+                          f"{', '.join(map(str, working)) or 'none'}")
+
+
+def refuse_experts(size: int, experts: int, top_k: int) -> None:
+    """Sequence parallelism of ``size`` > 1 with a mixture of ``experts`` experts (top-``top_k``): refused."""
+    if size > 1:
+        raise ConfigError(f"train.sequence_parallel_size: {size} with a mixture of experts ({experts} experts, "
+                          f"top-{top_k}): its router's balancing loss and expert load are statistics of a whole "
+                          f"row, and sequence parallelism splits a row's routing over its ranks; not supported "
+                          f"yet: use train.sequence_parallel_size=1")
+
+
+def enable_sequence_parallel(size: int, model) -> SequenceParallel:
+    """Split the world into replicas of ``size`` ranks and route the model's attention through DeepSpeed's
+    Ulysses (``UlyssesSPAttentionHF``): each rank's ``[T/N]`` tokens of all heads become, by one all-to-all,
+    ``[T]`` tokens of its ``heads/N`` heads, the row's own attention runs on those, and an all-to-all brings
+    the output back. The core attention is :data:`orpo_ds.attention.SEGMENTED_SDPA`: Ulysses passes the
+    row's segments through to it, so packed pairs and shared prompts keep their exact attention. In eval
+    mode Ulysses steps aside (``disable_in_eval``): evaluation and sampling run whole rows per rank.
+    ``size`` 1: every rank is a replica of its own."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if size == 1:
+        return SequenceParallel(size=1, index=0, replica=rank, replicas=world_size, group=None)
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model, core_attn_implementation=model.config._attn_implementation,
+        sequence_parallel_size=size, micro_batch_size=1, seq_length_is_variable=True, disable_in_eval=True)
+    return SequenceParallel(size=size, index=rank % size, replica=rank // size, replicas=world_size // size,
+                            group=mpu.get_sequence_parallel_group())
+
 
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -84,12 +84,39 @@ def validate_ds_config(ds_config: dict[str, Any]) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
     from pydantic import ValidationError
 
+    refuse_expert_parallel(ds_config)
     try:
         DeepSpeedConfig(ds_config)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
                              for e in exc.errors())
         raise ConfigError(f"deepspeed.config: {exc.title}: {problems}") from exc
+
+
+def refuse_expert_parallel(ds_config: dict[str, Any]) -> None:
+    """Refuse DeepSpeed's AutoEP (``expert_parallel.enabled``), with what was found when it was tried on 2
+    CPU ranks with a tiny Mixtral (DeepSpeed 0.19.8, transformers 5.17): its presets look for
+    ``model.layers.N.mlp`` and the policy holds the model as ``causal_lm``; it reads ``top_k`` from the
+    wrapped module's ``config``; and with both given by hand, ``deepspeed.initialize`` fails installing its
+    router-logit recorders (``_CanRecordRegistry.get`` takes one argument in transformers 5, AutoEP passes
+    two), the logits the balancing loss needs. The check is on that last signature, so a release that fixes
+    it gets the plain refusal of the untested path instead of this diagnosis."""
+    expert_parallel = ds_config.get("expert_parallel") or {}
+    if not (isinstance(expert_parallel, dict) and expert_parallel.get("enabled")):
+        return
+    import inspect
+
+    from transformers.utils.output_capturing import _CanRecordRegistry
+
+    takes_default = len(inspect.signature(_CanRecordRegistry.get).parameters) > 2
+    why = ("orpo-ds has not been made to work with it yet: the policy wraps the model as causal_lm, which AutoEP's "
+           "presets do not match" if takes_default else
+           "DeepSpeed's AutoEP cannot install its router-logit recorders on this transformers "
+           "(_CanRecordRegistry.get takes one argument; AutoEP passes two), and the router's balancing loss needs "
+           "those logits")
+    raise ConfigError(f"deepspeed.config: expert_parallel (DeepSpeed AutoEP) is not supported: {why}. Remove the "
+                      f"expert_parallel block: ZeRO-3 then gathers every expert each step (docs/configuration.md, "
+                      f"Mixture of experts)")
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

@@ -102,12 +102,33 @@ def adopt_schedule(schedule: torch.optim.lr_scheduler.LambdaLR, t: TrainConfig) 
         group["lr"] = rate
     schedule._last_lr = rates
 
+def mark_expert_blocks_as_leaves(module: torch.nn.Module) -> list[str]:
+    """Make each block that holds its experts as separate modules (an ``experts`` ModuleList) a ZeRO-3 leaf
+    module, so that ZeRO-3 gathers the whole block on entering it; returns the blocks' names.
+
+    Otherwise each rank gathers only the experts its tokens were routed to: ranks that route differently
+    call different gathers and wait on each other until the collective timeout. transformers 5 keeps most
+    families' experts in fused 3-D parameters (nothing to mark here), and DeepSpeed marks Mixtral's and
+    Qwen-MoE's blocks by class itself; this covers the rest, remote-code models among them.
+    """
+    from deepspeed.utils import set_z3_leaf_module
+
+    marked = []
+    for name, block in module.named_modules():
+        experts = getattr(block, "experts", None)
+        if isinstance(experts, torch.nn.ModuleList) and len(experts) > 1:
+            set_z3_leaf_module(block, True)
+            marked.append(name)
+    return marked
+
+
 class Engine:
     """A thin facade over ``deepspeed.DeepSpeedEngine``: forward, backward, step, and what we read back."""
 
     def __init__(self, module: torch.nn.Module, t: TrainConfig, ds_config: dict[str, Any], total_steps: int):
         import deepspeed
 
+        self.expert_leaves = mark_expert_blocks_as_leaves(module) if zero_stage(ds_config) == 3 else []
         optimizer = make_optimizer(module, t, ds_config)
         schedule = make_lr_schedule(optimizer, t, total_steps)
         self.ds_config, self.train_config = ds_config, t
@@ -128,8 +149,10 @@ class Engine:
         zero = ZeroSetup.from_ds_config(self.ds_config)
         offloaded = [name for name, on in (("optimizer", zero.offload_optimizer), ("param", zero.offload_param)) if on]
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the optimizer we built
+        leaves = f"; {len(self.expert_leaves)} expert blocks gathered whole (ZeRO-3 leaf modules)" \
+            if self.expert_leaves else ""
         return (f"ZeRO-{zero.stage}, optimizer {type(inner).__name__}, offloaded to the CPU: "
-                f"{', '.join(offloaded) or 'nothing'}")
+                f"{', '.join(offloaded) or 'nothing'}{leaves}")
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of ``loss``, this micro-batch's share of the step's loss: after the

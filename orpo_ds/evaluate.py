@@ -6,7 +6,8 @@ model on one process), so both report comparable numbers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from orpo_ds.data import TokenizedPair
 from orpo_ds.distributed import reduce_to_host
 from orpo_ds.loss import STAT_KEYS, orpo_metrics
 from orpo_ds.metrics import progress_bar
+from orpo_ds.model import PolicyOutput
 from orpo_ds.packing import DEFAULT_LAYOUT, PairLayout, schedule_epoch
 
 # The figures a user compares between checkpoints, by their metric names.
@@ -25,7 +27,7 @@ HEADLINE = {"rewards/accuracies": "preference accuracy", "log_odds_chosen": "mea
 
 
 @torch.no_grad()
-def pair_stats(forward: Callable[..., torch.Tensor], pairs: list[TokenizedPair], *, micro_batch_tokens: int,
+def pair_stats(forward: Callable[..., PolicyOutput], pairs: Sequence[TokenizedPair], *, micro_batch_tokens: int,
                nll_on_prompt: bool, pad_token_id: int, rank: int = 0, world_size: int = 1,
                device: torch.device | str = "cpu", layout: PairLayout = DEFAULT_LAYOUT,
                progress: str | None = None) -> np.ndarray:
@@ -46,7 +48,7 @@ def pair_stats(forward: Callable[..., torch.Tensor], pairs: list[TokenizedPair],
         for slot, mb in zip(slots, micro_batches(slots, pairs, nll_on_prompt=nll_on_prompt,
                                                  pad_token_id=pad_token_id, device=device, layout=layout),
                             strict=True):
-            token_logps = forward(**mb.model_inputs())
+            token_logps = forward(**mb.model_inputs()).token_logps
             if slot is not None:  # a row's pairs are in its slot's order
                 rows[list(slot)] = micro_batch_pair_stats(token_logps, mb)
         bar.update(1)
@@ -60,7 +62,7 @@ def metrics_of(stats: np.ndarray, beta: float) -> dict[str, float]:
     return orpo_metrics(dict(zip(STAT_KEYS, stats.sum(axis=0).tolist(), strict=True)), beta)
 
 
-def evaluate_pairs(forward: Callable[..., torch.Tensor], pairs: list[TokenizedPair], *, beta: float,
+def evaluate_pairs(forward: Callable[..., PolicyOutput], pairs: Sequence[TokenizedPair], *, beta: float,
                    **options) -> dict[str, float]:
     """Metrics (TRL names) of ``pairs`` under ``forward``; ``options`` as :func:`pair_stats`. Collective."""
     return metrics_of(pair_stats(forward, pairs, **options), beta)
@@ -74,10 +76,11 @@ class Evaluator:
     training pairs) and ``answer``'s greedy answers to the prompts of the ``samples`` pairs.
     """
 
-    def __init__(self, engine, pairs: list[TokenizedPair], *, every: int, total_steps: int, micro_batch_tokens: int,
+    def __init__(self, engine, pairs: Sequence[TokenizedPair], *, every: int, total_steps: int, micro_batch_tokens: int,
                  beta: float, nll_on_prompt: bool, pad_token_id: int, rank: int, world_size: int,
-                 device: torch.device, layout: PairLayout = DEFAULT_LAYOUT, seen: list[TokenizedPair] = (),
-                 samples: list[TokenizedPair] = (), answer: Callable[[list[tuple[int, ...]]], list[str]] | None = None):
+                 device: torch.device, layout: PairLayout = DEFAULT_LAYOUT, seen: Sequence[TokenizedPair] = (),
+                 samples: Sequence[TokenizedPair] = (),
+                 answer: Callable[[list[tuple[int, ...]]], list[str]] | None = None):
         self.engine, self.pairs, self.every, self.total_steps, self.beta = engine, pairs, every, total_steps, beta
         self.sets = {name: s for name, s in ((HELD_OUT, pairs), (SEEN, list(seen))) if s}
         self.samples, self.answer = (list(samples), answer) if answer is not None else ([], None)
@@ -98,7 +101,7 @@ class Evaluator:
         """Every ``train.eval_steps`` steps; not at the last step, which the after-training eval covers."""
         return self.enabled and bool(self.every) and step % self.every == 0 and step < self.total_steps
 
-    def stats(self, pairs: list[TokenizedPair], name: str = HELD_OUT) -> np.ndarray:
+    def stats(self, pairs: Sequence[TokenizedPair], name: str = HELD_OUT) -> np.ndarray:
         """:func:`pair_stats` through the engine, in eval mode, with a progress bar named ``name``."""
         self.engine.eval()
         try:

@@ -10,6 +10,9 @@ The autograd Function saves only its inputs plus one fp32 log-sum-exp per token;
 chunk's logits. Extra memory is therefore O(chunk_size * V) instead of O(N * V), at the price of one extra
 ``[C, H] x [H, V]`` matmul per chunk in backward (4 matmuls in all instead of 3).
 
+Nothing here reads the device from the host: every shape is known from the inputs' shapes and the
+input checks run on the device, so a training micro-batch never stalls the CPU here (tests/unit/test_host_syncs.py).
+
 Plain torch only: under ZeRO-3 the caller runs this inside a module forward, with the gathered LM head
 weight, so nothing here may touch DeepSpeed.
 """
@@ -21,7 +24,8 @@ from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "auto_chunk_size", "chunked_token_logps", "sequence_logp_sums", "sequence_mean_logps"]
+__all__ = ["IGNORE_INDEX", "auto_chunk_size", "chunked_token_logps", "sequence_logp_sums", "sequence_mean_logps",
+           "sequence_means"]
 
 # The fp32 [chunk, V] buffer auto_chunk_size keeps to: 1024 tokens up to a 64k vocabulary, 512 at
 # Llama-3's 128k. Time barely depends on the chunk between 512 and 2048 tokens (benchmarks/RESULTS.md),
@@ -51,7 +55,9 @@ def chunked_token_logps(
     Args:
         hidden: ``[N, H]`` final hidden states, fp32 or bf16 (any float dtype works).
         weight: ``[V, H]`` LM head weight, same dtype and device as ``hidden``.
-        labels: ``[N]`` integer class ids in ``[0, V)``, or ``-100`` for tokens that carry no loss.
+        labels: ``[N]`` integer class ids in ``[0, V)``, or ``-100`` for tokens that carry no loss (they
+            still cost their share of the head's compute: select the scored rows before the call). Out of
+            range: a RuntimeError on the CPU, a device-side assert on CUDA.
         bias: ``[V]`` LM head bias (same dtype) or None.
         logit_scale: multiplies the logits before soft-capping (Cohere-style ``logit_scale``).
         softcap: if set, ``logits = softcap * tanh(logits / softcap)``.
@@ -92,13 +98,12 @@ def _check_inputs(hidden, weight, labels, bias, softcap, chunk_size) -> None:
         raise ValueError(f"softcap must be positive or None; got {softcap}")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    # An out-of-range label would make gather read garbage (CPU) or kill the CUDA context (device
-    # assert), so pay one host sync here to fail with a readable message instead.
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= v))
-    if bool(bad.any()):
-        pos = bad.nonzero().squeeze(1)[:5].tolist()
-        raise ValueError(f"labels must be in [0, {v}) or {IGNORE_INDEX}; positions {pos} hold "
-                         f"{labels[pos].tolist()}")
+    # An out-of-range label would make gather read garbage (CPU) or kill the CUDA context. The check runs on
+    # the device (torch._assert_async): reading the answer back would stall the host once per micro-batch.
+    # Training never gets here with one: the trainer checks the data's token ids against the vocabulary
+    # on the host.
+    valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < v))
+    torch._assert_async(valid.all(), f"labels must be in [0, {v}) or {IGNORE_INDEX}")
 
 
 def _chunk_logits(h, weight, bias, logit_scale, out32, out_lp):
@@ -124,58 +129,59 @@ def _chunk_logits(h, weight, bias, logit_scale, out32, out_lp):
 class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, logit_scale, softcap, chunk_size):
-        # Ignored tokens (prompts, padding) are skipped entirely: no logits are computed for them.
-        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        tgt = labels.index_select(0, rows)
-        nv, v = rows.numel(), weight.shape[0]
-        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(nv, dtype=torch.float32, device=hidden.device)
-        c_max = min(chunk_size, nv)
-        buf32, buf_lp = _buffers(c_max, v, hidden, 1)
+        # Every row goes through the head, ignored ones included: selecting the labelled rows would give a
+        # shape only the device knows (a host sync). Callers select the positions to score on the host
+        # (PolicyWithChunkedHead's head_positions), so ignored rows are rare here; they score class 0 and
+        # are zeroed below, and their gradient is zeroed in backward.
+        scored = labels != IGNORE_INDEX
+        tgt = labels.clamp(min=0)
+        n, v = labels.shape[0], weight.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        buf32, buf_lp = _buffers(min(chunk_size, n), v, hidden, 1)
         # Autocast would silently change the matmul dtype (and differently in backward, which autocast
         # does not cover), so the dtype contract is enforced by switching it off.
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, nv, chunk_size):
-                r = rows[s:s + chunk_size]
-                z = _chunk_logits(hidden.index_select(0, r), weight, bias, logit_scale, buf32[0], buf_lp)
+            for s in range(0, n, chunk_size):
+                z = _chunk_logits(hidden[s:s + chunk_size], weight, bias, logit_scale, buf32[0], buf_lp)
                 if softcap is not None:
                     z.div_(softcap).tanh_().mul_(softcap)
-                t = tgt[s:s + chunk_size]
-                picked = z.gather(1, t[:, None]).squeeze(1)
+                picked = z.gather(1, tgt[s:s + chunk_size, None]).squeeze(1)
                 # logsumexp by hand, in place on the chunk: torch.logsumexp allocates two more C x V
                 # temporaries and is ~2x slower on CPU.
                 m = z.amax(1)
                 lse_c = z.sub_(m[:, None]).exp_().sum(1).log_().add_(m)
                 lse[s:s + chunk_size] = lse_c
-                out.index_copy_(0, r, picked - lse_c)
-        ctx.save_for_backward(hidden, weight, bias, rows, tgt, lse)
+                out[s:s + chunk_size] = picked - lse_c
+        out.masked_fill_(~scored, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, scored, tgt, lse)
         ctx.logit_scale, ctx.softcap, ctx.chunk_size = logit_scale, softcap, chunk_size
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        hidden, weight, bias, rows, tgt, lse = ctx.saved_tensors
+        hidden, weight, bias, scored, tgt, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         softcap, chunk_size = ctx.softcap, ctx.chunk_size
-        nv, v = rows.numel(), weight.shape[0]
+        n, v = tgt.shape[0], weight.shape[0]
         # d logp / d raw_logit = (onehot - p) * (1 - tanh^2) * logit_scale: linear in the upstream
-        # gradient, so logit_scale is folded into it once instead of scaling every C x V chunk.
-        g = grad_out.float().index_select(0, rows) * ctx.logit_scale
+        # gradient, so logit_scale is folded into it once instead of scaling every C x V chunk. Ignored rows
+        # get none (their output is a constant 0).
+        g = grad_out.float().masked_fill(~scored, 0.0) * ctx.logit_scale
 
-        grad_h = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+        # empty: every row is written below
+        grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
         # fp32 accumulators across chunks (per-chunk bf16 partials would lose low bits at every add).
         grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b32 = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
         w_lp = (torch.empty_like(weight, memory_format=torch.contiguous_format)
                 if need_w and weight.dtype != torch.float32 else None)
 
-        c_max = min(chunk_size, nv)
-        buf32, buf_lp = _buffers(c_max, v, hidden, 1 if softcap is None else 2)
+        buf32, buf_lp = _buffers(min(chunk_size, n), v, hidden, 1 if softcap is None else 2)
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, nv, chunk_size):
-                r = rows[s:s + chunk_size]
-                h = hidden.index_select(0, r)
+            for s in range(0, n, chunk_size):
+                h = hidden[s:s + chunk_size]
                 z = _chunk_logits(h, weight, bias, ctx.logit_scale, buf32[0], buf_lp)
                 c = z.shape[0]
                 gc = g[s:s + chunk_size, None]
@@ -194,7 +200,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 if buf_lp is not None:                               # grads in the input dtype, like HF
                     grad = buf_lp[:c].copy_(grad)
                 if need_h:
-                    grad_h.index_copy_(0, r, grad @ weight)
+                    torch.mm(grad, weight, out=grad_h[s:s + chunk_size])
                 if need_w:
                     if w_lp is None:
                         grad_w32.addmm_(grad.t(), h)
@@ -241,9 +247,8 @@ def sequence_logp_sums(
         raise ValueError(f"num_sequences must be >= 0; got {num_sequences}")
     if mask is not None and (mask.shape != (n,) or mask.dtype != torch.bool):
         raise ValueError(f"mask must be a [N] = [{n}] bool tensor; got {tuple(mask.shape)} {mask.dtype}")
-    if n and bool(((seq_id < 0) | (seq_id >= num_sequences)).any()):
-        raise ValueError(f"seq_id must be in [0, {num_sequences}); got min {int(seq_id.min())}, "
-                         f"max {int(seq_id.max())}")
+    # Checked on the device: reading the answer back would stall the host once per micro-batch.
+    torch._assert_async(((seq_id >= 0) & (seq_id < num_sequences)).all(), f"seq_id must be in [0, {num_sequences})")
     seq_id = seq_id.long()
     vals = token_logps.float()
     if mask is None:
@@ -269,12 +274,17 @@ def sequence_mean_logps(
     Returns:
         ``[S]`` fp32 ``sums / counts``.
     Raises:
-        ValueError: if any sequence has no counted token, naming them (a mean over zero tokens would be
-            NaN and silently poison the loss).
+        RuntimeError: if any sequence has no counted token (a mean over zero tokens would be NaN and silently
+            poison the loss); raised on the CPU at once, on CUDA as a device-side assert.
     """
-    sums, counts = sequence_logp_sums(token_logps, seq_id, num_sequences, mask)
-    empty = (counts == 0).nonzero().squeeze(1)
-    if empty.numel():
-        raise ValueError(f"sequence(s) {empty.tolist()} have no loss tokens (every token masked or "
-                         f"labelled {IGNORE_INDEX}); their mean log-prob is undefined")
+    return sequence_means(*sequence_logp_sums(token_logps, seq_id, num_sequences, mask))
+
+
+def sequence_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``[S]`` fp32 ``sums / counts`` (as :func:`sequence_logp_sums` returns them, maybe summed over the
+    ranks that share a row). Raises as :func:`sequence_mean_logps` does for a sequence with no token."""
+    # On the device, like sequence_logp_sums' check. The packer never builds such a sequence
+    # (TokenizedPair requires a scored token in each response), so this guards the function's contract.
+    torch._assert_async((counts > 0).all(), f"a sequence has no loss tokens (every token masked or labelled "
+                                            f"{IGNORE_INDEX}); its mean log-prob is undefined")
     return sums / counts.to(sums.dtype)

@@ -66,6 +66,23 @@ def apply_lora(causal_lm: nn.Module, lora: LoraConfig, base_name_or_path: str) -
     return model
 
 
+def prepare_quantized_base(causal_lm: nn.Module, *, gradient_checkpointing: bool) -> nn.Module:
+    """QLoRA's 4-bit base made ready for adapters, by peft's ``prepare_model_for_kbit_training``: the base
+    frozen, and the embeddings' output requiring grad so that checkpointed layers still pass gradients to
+    the adapters.
+
+    peft also upcasts every parameter that is not 4-bit (norms, embeddings, head) to fp32, and the
+    adapters apply_lora adds next are fp32. DeepSpeed undoes that: with ``bf16`` on it casts every float
+    parameter of the module to bf16 at ``deepspeed.initialize`` (DeepSpeed 0.19 keeps only buffers in
+    fp32), so they all compute in bf16, while ZeRO's optimizer keeps the adapters' master weights and
+    Adam state in fp32. Tested on the CPU (tests/unit/test_lora.py); docs/configuration.md says the same.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(causal_lm, use_gradient_checkpointing=gradient_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def trains_head(model: nn.Module) -> bool:
     """Whether the output head's weight is trained (``model.lora.train_head``) in the PeftModel ``model``."""
     return model.get_output_embeddings().weight.requires_grad

@@ -74,6 +74,7 @@ STAT_KEYS = (
     "nll_sum", "nll_tokens", "pairs", "log_odds_ratio_sum", "log_odds_sum",
     "chosen_logps_sum", "rejected_logps_sum", "accurate_pairs",
 )
+NLL_STAT_KEYS = ("nll_sum", "nll_tokens")  # of tokens, not of pairs: the ranks sharing a row each hold a part
 
 
 def orpo_loss(
@@ -114,8 +115,10 @@ def orpo_loss(
     c, r = chosen_logps.detach().float(), rejected_logps.detach().float()
     stats = {
         "nll_sum": nll_sum.detach().float(),
-        "nll_tokens": torch.tensor(float(nll_tokens), device=c.device),
-        "pairs": torch.tensor(float(c.numel()), device=c.device),
+        # torch.full launches a fill on the device; torch.tensor(x, device=...) would copy from the host
+        # and, on CUDA, wait for the stream.
+        "nll_tokens": torch.full((), float(nll_tokens), device=c.device),
+        "pairs": torch.full((), float(c.numel()), device=c.device),
         "log_odds_ratio_sum": log_sig.detach().sum(),
         "log_odds_sum": lo.detach().sum(),
         "chosen_logps_sum": c.sum(),

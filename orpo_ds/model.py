@@ -10,6 +10,7 @@ gathered weight inside this forward.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from orpo_ds import lora as lora_lib
 from orpo_ds.config import ConfigError, ModelConfig
 from orpo_ds.ds_config import zero_stage
 from orpo_ds.logps import auto_chunk_size, chunked_token_logps
+from orpo_ds.router import RouterLoss, expert_token_counts, resolve_router_loss
 
 
 def final_logit_scale(config) -> float:
@@ -54,6 +56,30 @@ def train_top_layers_only(causal_lm: nn.Module, num_layers: int) -> None:
         final_norm.requires_grad_(True)
 
 
+def enable_activation_checkpointing(causal_lm: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer.
+
+    transformers 5 also hooks the input embeddings so that their output requires grad, which reentrant
+    checkpointing and some adapters need. Non-reentrant checkpointing does not, and under
+    ``model.trainable_layers`` that hook would carry the backward pass, and each checkpointed layer's
+    recomputation, through every frozen layer below the trained ones. The hook is removed, so autograd
+    stops below the lowest trainable layer with checkpointing too (adapters in every layer keep the
+    gradient flowing on their own)."""
+    causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    causal_lm.disable_input_require_grads()
+
+
+class PolicyOutput(NamedTuple):
+    """What the policy returns for one packed row of T tokens with M head targets. A NamedTuple, so that
+    ZeRO-3's hooks reach its tensors."""
+
+    token_logps: torch.Tensor  # [M] fp32 log-prob of each head target's label
+    # mixture of experts only (None otherwise): the router's balancing loss over the row's T tokens (fp32
+    # scalar, differentiable), and the top-k assignments per MoE layer and expert ([L, E] fp32, detached)
+    router_aux_loss: torch.Tensor | None = None
+    expert_tokens: torch.Tensor | None = None
+
+
 class PolicyWithChunkedHead(nn.Module):
     """Runs the decoder body on a packed row, then log-probs of the labelled tokens only.
 
@@ -66,7 +92,7 @@ class PolicyWithChunkedHead(nn.Module):
     STATE_PREFIX = "causal_lm."
 
     def __init__(self, causal_lm: nn.Module, chunk_size: int | None = None,
-                 liger: liger_lib.LigerChoice = liger_lib.LIGER_OFF):
+                 liger: liger_lib.LigerChoice = liger_lib.LIGER_OFF, router: RouterLoss | None = None):
         super().__init__()
         self.causal_lm = causal_lm
         config = causal_lm.config
@@ -78,6 +104,7 @@ class PolicyWithChunkedHead(nn.Module):
             raise ValueError(f"Liger's fused linear cross-entropy has no logit scale; this model scales its "
                              f"logits by {self.logit_scale:g}")
         self.liger = liger  # the kernels this policy runs (build_policy patched the body's layers)
+        self.router = router  # a mixture of experts: its router's loss and load are computed in forward
 
     @property
     def head(self) -> nn.Linear:
@@ -101,26 +128,36 @@ class PolicyWithChunkedHead(nn.Module):
                 ``max_length_q/k``. Given, transformers skips deriving them from ``position_ids`` in
                 every layer, which reads the device each time.
         Returns:
-            ``[M]`` fp32 log-prob of ``head_labels`` at ``head_positions``.
+            :class:`PolicyOutput`: ``[M]`` fp32 log-prob of ``head_labels`` at ``head_positions``, and for
+            a mixture of experts the router's balancing loss and expert counts over the row.
         """
         body = self.causal_lm.get_decoder()
         row_kwargs = attention.backend_kwargs(self.causal_lm.config._attn_implementation, segments, cu_seqlens,
                                               max_seqlen)
+        if self.router is not None:
+            row_kwargs["output_router_logits"] = True
         # use_cache=False: with a KV cache the packed logits no longer equal the separate ones.
-        hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **row_kwargs).last_hidden_state
+        outputs = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **row_kwargs)
         # index_select's backward adds up the gradients of a position selected twice.
-        selected = hidden[0].index_select(0, head_positions)  # [M, H]
+        selected = outputs.last_hidden_state[0].index_select(0, head_positions)  # [M, H]
         head = self.head
         if self.liger.head:
-            return liger_lib.liger_token_logps(selected, head.weight, head_labels, bias=head.bias,
-                                               softcap=self.softcap)
-        return chunked_token_logps(selected, head.weight, head_labels, bias=head.bias,
-                                   logit_scale=self.logit_scale, softcap=self.softcap,
-                                   chunk_size=self.chunk_size)
+            token_logps = liger_lib.liger_token_logps(selected, head.weight, head_labels, bias=head.bias,
+                                                      softcap=self.softcap)
+        else:
+            token_logps = chunked_token_logps(selected, head.weight, head_labels, bias=head.bias,
+                                              logit_scale=self.logit_scale, softcap=self.softcap,
+                                              chunk_size=self.chunk_size)
+        if self.router is None:
+            return PolicyOutput(token_logps)
+        router_logits = tuple(outputs.router_logits)  # one [T, E] per MoE layer
+        r = self.router
+        return PolicyOutput(token_logps, r.balancing_loss(router_logits, r.num_experts, r.top_k).float(),
+                            expert_token_counts(router_logits, r.num_experts, r.top_k))
 
 
 def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_size: int | None,
-                 share_prompt: bool = False):
+                 share_prompt: bool = False, router_aux_loss_coef: float | None = None):
     """Load ``model.name_or_path`` (partitioned while loading under ZeRO-3) and wrap it in the policy.
 
     With ``model.liger_kernels`` resolved on, the body's layers run Liger's kernels and the head its fused
@@ -152,14 +189,12 @@ def build_policy(m: ModelConfig, ds_config: dict, dtype: torch.dtype, *, chunk_s
     if m.trainable_layers is not None:
         train_top_layers_only(model, m.trainable_layers)
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if quantization is not None:  # QLoRA: norms upcast to fp32 for stability, as peft recommends
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
+    if quantization is not None:
+        model = lora_lib.prepare_quantized_base(model, gradient_checkpointing=m.gradient_checkpointing)
     if m.lora is not None:
         model = lora_lib.apply_lora(model, m.lora, m.name_or_path)
-    policy = PolicyWithChunkedHead(model, chunk_size=chunk_size, liger=liger)
+    policy = PolicyWithChunkedHead(model, chunk_size=chunk_size, liger=liger,
+                                   router=resolve_router_loss(model, router_aux_loss_coef))
     eng_lib.register_external_parameter(policy, policy.head.weight)
     return policy, keepalive

@@ -8,6 +8,8 @@ decode step is not a packed row.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -60,9 +62,10 @@ def greedy_answers(causal_lm, tokenizer, prompts: list[tuple[int, ...]], *, new_
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out.cpu()]
 
 
-def sample_pairs(eval_pairs: list[TokenizedPair], count: int) -> list[TokenizedPair]:
-    """The held-out pairs whose prompts are answered: the first ``count`` of the file with a prompt."""
-    return [p for p in eval_pairs if p.prompt_ids][:count]
+def sample_pairs(eval_pairs: Sequence[TokenizedPair], count: int) -> list[TokenizedPair]:
+    """The held-out pairs whose prompts are answered: the first ``count`` of the file with a prompt (the
+    pairs after them are never built)."""
+    return list(itertools.islice((p for p in eval_pairs if p.prompt_ids), count))
 
 
 def samples_markdown(pairs: list[TokenizedPair], before: list[str], after: list[str], tokenizer, new_tokens: int,

@@ -25,11 +25,11 @@ from orpo_ds import distributed as dist_lib
 from orpo_ds import ds_config as ds_lib
 from orpo_ds import engine as eng_lib
 from orpo_ds import tracking
-from orpo_ds.attention import resolve_attn_implementation
-from orpo_ds.batch import MicroBatch, micro_batches
+from orpo_ds.attention import SEGMENTED_SDPA, resolve_attn_implementation
+from orpo_ds.batch import MicroBatch, Shard, micro_batches
 from orpo_ds.compare import compare_snapshots, comparison_report, seen_sample
 from orpo_ds.config import Config, ConfigError
-from orpo_ds.data import DataError, TokenizedPair, duplicate_pairs, tokenize_data_section
+from orpo_ds.data import FIELDS, DataError, TokenizedPairs, as_tokenized_pairs, duplicate_pairs, tokenize_data_section
 from orpo_ds.evaluate import Evaluator
 from orpo_ds.export import export_trained
 from orpo_ds.flops import peak_flops
@@ -71,16 +71,25 @@ def lock_output_dir(out_dir: Path, info) -> FolderLock:
     return lock
 
 
-def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]:
-    """Tokenize on rank 0 first (parallel, cached); the other ranks then read the cache.
+def data_turn(info) -> int:
+    """When a rank loads the data (:func:`load_pairs`): 0 for the job's first rank, 1 for the first rank of
+    every other node, 2 for the rest."""
+    return 0 if info.is_main else 1 if info.local_rank == 0 else 2
 
-    A failure on rank 0 is shared with the other ranks before they wait on it, so a bad file ends the
+
+def load_pairs(source: str, tokenizer, cfg: Config, info) -> TokenizedPairs:
+    """Tokenize once per job, or at worst once per node: rank 0 tokenizes first (parallel, cached), then
+    the first rank of each other node reads the cache (a hit on a shared filesystem; on a node-local cache
+    folder, that node's one tokenization), then every other rank reads its node's cache. The pairs are
+    memory-mapped from the cache folder, so a node's ranks share one copy.
+
+    A failure in one turn is shared with the other ranks before they wait on it, so a bad file ends the
     whole job with rank 0's message instead of leaving the others blocked in a barrier.
     """
     d = cfg.data
     pairs, error = None, None
-    for turn in ("main", "others"):
-        if (turn == "main") == info.is_main:
+    for turn in range(3):
+        if turn == data_turn(info):
             try:
                 pairs, report = tokenize_data_section(source, tokenizer, d, progress=info.is_main)
                 if info.is_main:
@@ -94,7 +103,33 @@ def load_pairs(source: str, tokenizer, cfg: Config, info) -> list[TokenizedPair]
     return pairs
 
 
-def warn_about_the_run(cfg: Config, steps: list[ScheduledStep], train_pairs: list[TokenizedPair]) -> None:
+def check_token_ids(pairs: TokenizedPairs | list, source: str, tokenizer, vocab_size: int | None) -> None:
+    """Refuse a token id the model's embedding lacks, naming the pair, before training: on a GPU such an
+    id is a device-side assert deep in the first forward pass, and the head checks its labels on the device
+    only (:func:`orpo_ds.logps.chunked_token_logps`). A tokenizer no larger than the embedding cannot make
+    one, so the data is read only when the tokenizer is larger (added tokens without a resized model), one
+    pass over each column of ids. ``vocab_size`` None: the config does not say it at its top level (a
+    multimodal one); nothing checked."""
+    if vocab_size is None or len(tokenizer) <= vocab_size:
+        return
+    pairs = as_tokenized_pairs(pairs)
+    offending = np.zeros(len(pairs), dtype=bool)  # [N]: pairs with an id beyond the embedding, any field
+    for name in FIELDS:
+        column = pairs.columns[name]
+        beyond = np.flatnonzero(column.used_values() >= vocab_size)  # positions within the column's values
+        offending[np.searchsorted(column.offsets, column.offsets[0] + beyond, side="right") - 1] = True
+    if offending.any():
+        first = int(np.argmax(offending))
+        top = max(int(pairs.columns[name].ids(first).max(initial=0)) for name in FIELDS)
+        others = int(offending.sum()) - 1
+        raise DataError(f"data: {source}: pair {int(pairs.pair_id[first])}"
+                        f"{f' (and {others} other pair(s))' if others else ''} holds token id {top}, beyond the "
+                        f"model's embedding of {vocab_size} tokens (the tokenizer has {len(tokenizer)}). Resize "
+                        f"the model's embeddings to the tokenizer and save it, or train with the model's own "
+                        f"tokenizer")
+
+
+def warn_about_the_run(cfg: Config, steps: list[ScheduledStep], train_pairs: TokenizedPairs) -> None:
     """Settings that run but are likely mistakes, printed once at start-up (rank 0)."""
     warnings = []
     if cfg.train.warmup_steps > len(steps):
@@ -131,7 +166,7 @@ class Run:
     cfg: Config
     info: dist_lib.DistInfo
     steps: list[ScheduledStep]
-    train_pairs: list[TokenizedPair]
+    train_pairs: TokenizedPairs
     pad_token_id: int
     tokenizer: Any
     policy: PolicyWithChunkedHead
@@ -143,11 +178,19 @@ class Run:
     start: ckpt_lib.TrainerState  # step 0, or the state of the checkpoint resumed from
     lock: FolderLock
     keepalive: Any  # ZeRO-3's HfDeepSpeedConfig (orpo_ds.engine.load_pretrained): held for the run
+    sp: dist_lib.SequenceParallel  # this rank's data-parallel replica and shard of each row
 
     def micro_batches(self, plan: ScheduledStep) -> list[MicroBatch]:
-        return micro_batches(plan.rows[self.info.rank], self.train_pairs, nll_on_prompt=self.cfg.loss.nll_on_prompt,
+        """This rank's micro-batches of ``plan``: its replica's rows, and under sequence parallelism its
+        shard of each."""
+        shard = Shard(self.sp.index, self.sp.size, self.pad_token_id) if self.sp.size > 1 else None
+        return micro_batches(plan.rows[self.sp.replica], self.train_pairs, nll_on_prompt=self.cfg.loss.nll_on_prompt,
                              pad_token_id=self.pad_token_id, device=self.info.device,
-                             layout=layout_for(self.cfg.train.share_prompt))
+                             layout=layout_for(self.cfg.train.share_prompt), shard=shard)
+
+    def sum_sequences(self):
+        """What sums a row's sequence log-probs over its ranks (None without sequence parallelism)."""
+        return self.sp.sum_sequences if self.sp.size > 1 else None
 
 
 def start_run(cfg: Config) -> Run:
@@ -164,17 +207,24 @@ def start_run(cfg: Config) -> Run:
     ds_config = ds_lib.build_ds_config(ds_lib.read_ds_config(cfg.deepspeed.config), t, info.world_size, dtype)
     ds_lib.validate_ds_config(ds_config)
     tracking.check_installed(cfg)
-    check_max_length(cfg.data.max_length, read_model_config(cfg.model.name_or_path,
-                                                            trust_remote_code=cfg.model.trust_remote_code),
-                     "data.max_length")
+    declared_config = read_model_config(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    check_max_length(cfg.data.max_length, declared_config, "data.max_length")
     resolve_attn_implementation(cfg.model.attn_implementation, share_prompt=t.share_prompt, dtype=dtype)  # early
+    dist_lib.check_sequence_parallel(t.sequence_parallel_size, info.world_size, declared_config)
+    if t.sequence_parallel_size > 1 and cfg.model.attn_implementation not in ("auto", SEGMENTED_SDPA):
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation}: sequence parallelism "
+                          f"(train.sequence_parallel_size={t.sequence_parallel_size}) runs {SEGMENTED_SDPA} "
+                          f"inside DeepSpeed's Ulysses; use auto or {SEGMENTED_SDPA}")
+    replicas = info.world_size // t.sequence_parallel_size  # data-parallel: each trains its own rows
     tokenizer = load_tokenizer(cfg)
     pad_id = pad_token_id(tokenizer)
     train_pairs = load_pairs(cfg.data.train, tokenizer, cfg, info)
     eval_pairs = load_pairs(cfg.data.eval, tokenizer, cfg, info) if cfg.data.eval else []
+    for source, pairs in ((cfg.data.train, train_pairs), (cfg.data.eval, eval_pairs)):
+        check_token_ids(pairs, source, tokenizer, getattr(declared_config, "vocab_size", None))
     layout = layout_for(t.share_prompt)
-    steps = schedule_run(train_pairs, t.micro_batch_tokens, info.world_size, t.grad_accum, seed=t.seed, epochs=t.epochs,
-                     max_steps=t.max_steps, layout=layout)
+    steps = schedule_run(train_pairs, t.micro_batch_tokens, replicas, t.grad_accum, seed=t.seed, epochs=t.epochs,
+                         max_steps=t.max_steps, layout=layout)
     if info.is_main:
         warn_about_the_run(cfg, steps, train_pairs)
     identity = ckpt_lib.run_identity(cfg, info.world_size, train_pairs, tokenizer,
@@ -184,8 +234,13 @@ def start_run(cfg: Config) -> Run:
     start = ckpt_lib.resolve_run_start(cfg, info, identity, log, ds_lib.zero_stage(ds_config), steps, train_pairs)
     log.trackers = open_trackers(cfg, info, start.done_steps)
     steps, ds_config = start.steps, start.engine_config(ds_config)
+    # A shared prompt and sequence parallelism both need the segmented backend.
     policy, keepalive = build_policy(cfg.model, ds_config, dtype, chunk_size=cfg.loss.chunk_size,
-                                     share_prompt=t.share_prompt)
+                                     share_prompt=t.share_prompt or t.sequence_parallel_size > 1,
+                                     router_aux_loss_coef=cfg.loss.router_aux_loss_coef)
+    if policy.router is not None:  # also a family whose config names its experts otherwise (DBRX's ffn_config)
+        dist_lib.refuse_experts(t.sequence_parallel_size, policy.router.num_experts, policy.router.top_k)
+    sp = dist_lib.enable_sequence_parallel(t.sequence_parallel_size, policy.causal_lm)
     model_config = policy.causal_lm.config
     # MFU against the bf16 table only in bf16: an fp32 run on a GPU needs train.peak_tflops to get one.
     device_name = torch.cuda.get_device_name(info.device) if info.on_gpu and dtype == torch.bfloat16 else None
@@ -195,6 +250,11 @@ def start_run(cfg: Config) -> Run:
               f"{cfg.model.attn_implementation}); {dtype}; mfu: "
               f"{f'peak {peak / 1e12:.0f} TFLOP/s per device' if peak else 'off (no known peak)'}; liger: "
               f"{policy.liger}", flush=True)
+        if policy.router is not None:
+            print(f"[model] {policy.router.describe()}", flush=True)
+        if sp.size > 1:
+            print(f"[parallel] {info.world_size} ranks = data-parallel {sp.replicas} x sequence-parallel {sp.size} "
+                  f"(DeepSpeed Ulysses over {SEGMENTED_SDPA}: each rank holds 1/{sp.size} of every row)", flush=True)
     engine = eng_lib.Engine(policy, t, ds_config, total_steps=len(steps))
     if info.is_main:
         print(f"[engine] {engine.describe()}", flush=True)
@@ -214,7 +274,7 @@ def start_run(cfg: Config) -> Run:
     state = saver.resume(start.checkpoint, log, identity, start.universal) if start.checkpoint else identity
     return Run(cfg=cfg, info=info, steps=steps, train_pairs=train_pairs, pad_token_id=pad_id, tokenizer=tokenizer,
                policy=policy, engine=engine, saver=saver, evaluator=evaluator, recorder=recorder, log=log,
-               start=state, lock=lock, keepalive=keepalive)
+               start=state, lock=lock, keepalive=keepalive, sp=sp)
 
 
 def run_training(cfg: Config) -> dict[str, Any]:
@@ -241,21 +301,35 @@ def _train(cfg: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {"resumed_from_step": state.step}
     run.engine.train()
     run_start, total_tokens = time.perf_counter(), 0.0
+    # The steps since the last read of the device's figures, and the host time they took (train_step's and
+    # the read's, so evaluation and checkpoints stay out): tokens/s and MFU are measured over them.
+    interval, interval_s = [], 0.0
     for step, plan in enumerate(run.steps, start=1):
         if step <= state.step:
             continue
         lr, start = run.engine.lr, time.perf_counter()  # the rate this step's update uses
-        stats = train_step(run.engine, run.micro_batches(plan), beta=cfg.loss.beta)
-        seconds = time.perf_counter() - start
-        record = run.recorder(step, plan, stats, lr=lr, grad_norm=run.engine.grad_norm(), seconds=seconds)
-        record.update(guard.observe(step, stats))
-        if run.evaluator.due(step):
-            record.update(run.evaluator())
-        if step % t.log_steps == 0 or step == last_step or stats.troubled:
-            run.log.write(record)
+        outcome = train_step(run.engine, run.micro_batches(plan), beta=cfg.loss.beta, router=run.policy.router,
+                             sum_sequences=run.sum_sequences())
+        interval.append((plan, outcome.tokens))
+        total_tokens += outcome.tokens
+        logged = step % t.log_steps == 0 or step == last_step or not outcome.applied
+        if logged or run.evaluator.due(step):  # else no host read: the device runs on ahead
+            stats = outcome.read()
+            interval_s += time.perf_counter() - start
+            record = run.recorder(step, plan, stats, lr=lr, grad_norm=run.engine.grad_norm(), interval=interval,
+                                  seconds=interval_s)
+            interval, interval_s = [], 0.0
+            record.update(guard.observe(step, stats))
+            if run.evaluator.due(step):
+                record.update(run.evaluator())
+            if logged or stats.troubled:
+                run.log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            summary["last"] = record
+        else:
+            interval_s += time.perf_counter() - start
+            guard.clean(step)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        summary["last"], total_tokens = record, total_tokens + stats.tokens
         guard.raise_if_exhausted()
         state = replace(state, step=step, epoch=plan.epoch)
         run.saver.maybe_save(state, last_step=last_step, preemption=preemption)

@@ -52,3 +52,20 @@ def restore_llama_module():
         delattr(modeling_llama, name)
     for name, value in saved.items():
         setattr(modeling_llama, name, value)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The CPU the suite ran on and the memory estimate's measured ratios, so that a CI log says which
+    machine gave which figures (issue 38: this test's figures depend on the CPU's GEMM library)."""
+    from tests.helpers.machine import PLAN_MEMORY_RECORD, cpu_description
+
+    records = [(report.nodeid.rsplit("[", 1)[-1].rstrip("]"), value)
+               for reports in terminalreporter.stats.values() for report in reports
+               if getattr(report, "when", None) == "call"
+               for name, value in getattr(report, "user_properties", ()) if name == PLAN_MEMORY_RECORD]
+    if not records:
+        return
+    terminalreporter.section("the machine, and the memory estimate over measured peaks")
+    terminalreporter.write_line(cpu_description())
+    for case, value in sorted(records):
+        terminalreporter.write_line(f"{case}: {value}")

@@ -10,9 +10,9 @@ from typing import Any
 from orpo_ds import distributed as dist_lib
 from orpo_ds.checkpoint.layout import ResumeError, clear_run_state, resolve_resume, verify_files
 from orpo_ds.checkpoint.saver import universal_copy
-from orpo_ds.checkpoint.state import TrainerState, check_compatible, read_state
+from orpo_ds.checkpoint.state import TrainerState, check_compatible, data_replicas, read_state
 from orpo_ds.config import Config, dump_config
-from orpo_ds.data import TokenizedPair
+from orpo_ds.data import TokenizedPairs
 from orpo_ds.metrics import MetricsLog
 from orpo_ds.packing import ScheduledStep, layout_for, reschedule_run
 from orpo_ds.safe_files import atomic_write
@@ -49,7 +49,7 @@ class RunStart:
 
 
 def resolve_run_start(cfg: Config, info, identity: TrainerState, log: MetricsLog, zero_stage: int,
-                      steps: list[ScheduledStep], train_pairs: list[TokenizedPair]) -> RunStart:
+                      steps: list[ScheduledStep], train_pairs: TokenizedPairs) -> RunStart:
     """Collective: fresh start, resume, or resume on another world size, decided once.
 
     ``steps`` is this run's own schedule and ``identity`` what its checkpoints will record (step 0). A
@@ -60,9 +60,9 @@ def resolve_run_start(cfg: Config, info, identity: TrainerState, log: MetricsLog
     if checkpoint is None:
         return RunStart(checkpoint=None, saved=None, steps=steps)
     saved = read_state(checkpoint)
-    if saved.world_size == info.world_size:
+    if saved.world_size == info.world_size and data_replicas(saved) == data_replicas(identity):
         return RunStart(checkpoint=checkpoint, saved=saved, steps=steps)
-    return _resume_on_new_world_size(cfg, info, saved, checkpoint, train_pairs)
+    return _resume_on_new_layout(cfg, info, saved, identity, checkpoint, train_pairs)
 
 
 def _accept_output_dir(cfg: Config, info, identity: TrainerState, log: MetricsLog,
@@ -88,21 +88,26 @@ def _accept_output_dir(cfg: Config, info, identity: TrainerState, log: MetricsLo
     return resume_from
 
 
-def _resume_on_new_world_size(cfg: Config, info, saved: TrainerState, ckpt: Path,
-                              train_pairs: list[TokenizedPair]) -> RunStart:
-    """Collective: the step schedule of a run resumed on ``info.world_size`` ranks after ``saved.step`` steps on
-    ``saved.world_size`` (:func:`orpo_ds.packing.reschedule_run`), and the universal copy of ``ckpt`` the
-    engine loads instead of its ZeRO-3 partitions."""
+def _resume_on_new_layout(cfg: Config, info, saved: TrainerState, identity: TrainerState, ckpt: Path,
+                          train_pairs: TokenizedPairs) -> RunStart:
+    """Collective: a run resumed on another world size or another ``train.sequence_parallel_size``.
+
+    The rows go to data-parallel replicas (ranks / sequence-parallel size): with as many replicas as the
+    checkpoint's run, its schedule goes on unchanged; otherwise the rest of the epoch is re-dealt
+    (:func:`orpo_ds.packing.reschedule_run`). On another world size the engine loads the universal copy
+    of ``ckpt`` instead of its ZeRO-3 partitions (which do not depend on the sequence-parallel size)."""
     t = cfg.train
-    steps = reschedule_run(train_pairs, t.micro_batch_tokens, saved.world_size, info.world_size, t.grad_accum,
-                       done_steps=saved.step, seed=t.seed, epochs=t.epochs, max_steps=t.max_steps,
-                       layout=layout_for(t.share_prompt))
-    universal = _convert_to_universal(ckpt, info)
+    old, new = data_replicas(saved), data_replicas(identity)
+    steps = reschedule_run(train_pairs, t.micro_batch_tokens, old, new, t.grad_accum, done_steps=saved.step,
+                           seed=t.seed, epochs=t.epochs, max_steps=t.max_steps, layout=layout_for(t.share_prompt))
+    universal = _convert_to_universal(ckpt, info) if saved.world_size != info.world_size else None
     if info.is_main:
         epoch = steps[saved.step - 1].epoch if saved.step else 0
-        print(f"[checkpoint] resuming step {saved.step} of a {saved.world_size}-rank run on {info.world_size} ranks "
-              f"through a universal checkpoint: {len(steps) - saved.step} steps left, the rest of epoch {epoch}'s "
-              f"rows dealt to the new ranks", flush=True)
+        how = "through a universal checkpoint" if universal else "from its ZeRO partitions"
+        rows = "the rest of its rows dealt to the new replicas" if old != new else "its rows as they were dealt"
+        print(f"[checkpoint] resuming step {saved.step} of a {saved.world_size}-rank run ({old} data-parallel "
+              f"replicas) on {info.world_size} ranks ({new}) {how}: {len(steps) - saved.step} steps left, epoch "
+              f"{epoch} with {rows}", flush=True)
     return RunStart(checkpoint=ckpt, saved=saved, steps=steps, universal=universal)
 
 

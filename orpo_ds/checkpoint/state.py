@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from orpo_ds.checkpoint.layout import STATE_FILE, ResumeError
 from orpo_ds.config import Config
-from orpo_ds.data import TokenizedPair, tokenizer_identity
+from orpo_ds.data import TokenizedPair, TokenizedPairs, as_tokenized_pairs, tokenizer_identity
 
 
 @dataclass(frozen=True)
@@ -44,16 +42,20 @@ class TrainerState:
     compare_before: dict[str, Any] | None = None
     compare_after: dict[str, Any] | None = None
 
-def pairs_fingerprint(pairs: list[TokenizedPair]) -> str:
-    """sha256 of the tokenized training pairs in order: ids and lengths of every prompt and response.
-    Equal fingerprints mean the same packing schedule for the same budget, seed and world size."""
-    h = hashlib.sha256()
-    for p in pairs:
-        header = [p.pair_id, len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)]
-        h.update(np.asarray(header + [*p.prompt_ids, *p.chosen_ids, *p.rejected_ids], dtype=np.int64).tobytes())
-    return h.hexdigest()
+def pairs_fingerprint(pairs: TokenizedPairs | Sequence[TokenizedPair]) -> str:
+    """sha256 of the tokenized training pairs in order: ids and lengths of every prompt and response
+    (:attr:`orpo_ds.data.TokenizedPairs.fingerprint`: recorded in the tokenized-pairs cache, so a rank that
+    read the cache does not hash its pairs again). Equal fingerprints mean the same packing schedule for the
+    same budget, seed and world size."""
+    return as_tokenized_pairs(pairs).fingerprint
 
-def run_identity(cfg: Config, world_size: int, pairs: list[TokenizedPair], tokenizer, *, zero_stage: int,
+def data_replicas(state: TrainerState) -> int:
+    """How many data-parallel replicas the run dealt its rows to: its ranks over
+    ``train.sequence_parallel_size`` (a checkpoint from before that key: 1)."""
+    return state.world_size // state.config.get("train", {}).get("sequence_parallel_size", 1)
+
+
+def run_identity(cfg: Config, world_size: int, pairs: TokenizedPairs, tokenizer, *, zero_stage: int,
                  model_fingerprint: str) -> TrainerState:
     """What a checkpoint of this run records about it (at step 0): a resume must match it."""
     t = cfg.train

@@ -97,9 +97,34 @@ def _load_with_datasets(source: str, split: str):
                         f"{type(e).__name__}: {e}") from e
 
 
+def _fingerprint_hash(kind: str, split: str):
+    return hashlib.sha256(f"orpo_ds.load_records/1\0{kind}\0{split}\0".encode())
+
+
 def _content_fingerprint(kind: str, split: str, data: bytes) -> str:
-    h = hashlib.sha256(f"orpo_ds.load_records/1\0{kind}\0{split}\0".encode())
+    h = _fingerprint_hash(kind, split)
     h.update(data)
+    return h.hexdigest()[:32]
+
+
+_FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def file_fingerprint(source: str, split: str = "train") -> str | None:
+    """The dataset fingerprint :func:`load_records` gives the local data file ``source``, from its bytes
+    streamed through sha256: no parse, constant memory, so a cache hit need not load the records. None for
+    any other source (a folder, a hub name), which only loading can fingerprint."""
+    path = Path(source).expanduser()
+    kind = _FILE_KINDS.get(path.suffix.lower())
+    if kind is None or not path.is_file():
+        return None
+    h = _fingerprint_hash(kind, split if kind == "json" else "")  # as _load_json_file / _load_parquet_file
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None  # load_records names the problem
     return h.hexdigest()[:32]
 
 

@@ -1,10 +1,11 @@
-"""What the data pipeline produces: one :class:`TokenizedPair` per kept row."""
+"""One tokenized preference pair: :class:`TokenizedPair` (a data set's pairs are held as columns, in
+:mod:`orpo_ds.data.columns`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TokenizedPair", "duplicate_pairs"]
+__all__ = ["TokenizedPair"]
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,3 @@ class TokenizedPair:
                     f"{len(self.prompt_ids)}, which leaves no response token to score; a response needs "
                     f">= 1 token after a non-empty prompt, >= 2 without one")
 
-
-def duplicate_pairs(pairs: list[TokenizedPair]) -> list[int]:
-    """The ``pair_id`` of every pair whose prompt and responses repeat an earlier pair's, in order."""
-    seen: set[tuple[tuple[int, ...], ...]] = set()
-    repeats = []
-    for p in pairs:
-        key = (p.prompt_ids, p.chosen_ids, p.rejected_ids)
-        if key in seen:
-            repeats.append(p.pair_id)
-        seen.add(key)
-    return repeats

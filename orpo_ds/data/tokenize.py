@@ -66,9 +66,9 @@ from pathlib import Path
 from typing import Any
 
 from orpo_ds.data.cache import cache_inputs, cache_key, load_cache, save_cache
+from orpo_ds.data.columns import TokenizedPairs
 from orpo_ds.data.errors import DataError
 from orpo_ds.data.formats import parse_row, render_chat, resolve_format, token_ids
-from orpo_ds.data.pairs import TokenizedPair
 from orpo_ds.data.validate import Drop, DropReport, control_pattern, control_tokens, find_control
 
 __all__ = ["TRUNCATION_POLICIES", "SPECIAL_TOKEN_POLICIES", "tokenize_pairs", "truncate_pair"]
@@ -228,14 +228,17 @@ def _map_batch(batch: dict[str, list], ctx: _Ctx) -> dict[str, list]:
 
 
 def _run_map(dataset, ctx: _Ctx, num_proc: int, progress: bool, fingerprint: str
-             ) -> tuple[list[TokenizedPair], DropReport]:
+             ) -> tuple[TokenizedPairs, DropReport]:
     import datasets
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
     from datasets import Features, Value
 
     List = getattr(datasets, "List", datasets.Sequence)  # datasets < 4 has only Sequence
     total = len(dataset)
     if total == 0:
-        return [], DropReport(0, 0, [])
+        return TokenizedPairs.from_pairs([]), DropReport(0, 0, [])
     ids = List(Value("int32"))
     features = Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "drop": Value("string")})
     workers = min(num_proc, total)
@@ -251,19 +254,21 @@ def _run_map(dataset, ctx: _Ctx, num_proc: int, progress: bool, fingerprint: str
             # saved folder must not get cache-*.arrow files written next to it.
             keep_in_memory=True, load_from_cache_file=False,
             new_fingerprint=fingerprint,  # given, so datasets does not try to hash the tokenizer
-            desc="Tokenizing preference pairs")
+            desc="Tokenizing preference pairs")  # the bar's rate, examples/s, is pairs/s: one row, one pair
     finally:
         if not progress and bars_were_on:
             datasets.enable_progress_bars()
-    cols = out.to_dict()
-    pairs, dropped = [], []
-    for i, reason in enumerate(cols["drop"]):
-        if reason:
-            dropped.append((i, reason))  # map is 1:1 and keeps order: position i is source row i
-        else:
-            pairs.append(TokenizedPair(i, tuple(cols["prompt_ids"][i]), tuple(cols["chosen_ids"][i]),
-                                       tuple(cols["rejected_ids"][i])))
-    return pairs, DropReport(total, len(pairs), dropped)
+    # Columns straight from the Arrow table: no Python list per pair. map is 1:1 and keeps order, so
+    # position i is source row i.
+    table = out.data.table
+    kept = pc.equal(table.column("drop"), "").to_numpy(zero_copy_only=False)  # [total] bool
+    dropped_rows = np.flatnonzero(~kept)
+    reasons = table.column("drop").take(dropped_rows).to_pylist()
+    if dropped_rows.size:
+        table = table.filter(kept)
+    table = table.drop_columns(["drop"]).append_column("pair_id", pa.array(np.flatnonzero(kept), pa.int64()))
+    pairs = TokenizedPairs.from_arrow(table)
+    return pairs, DropReport(total, len(pairs), list(zip(dropped_rows.tolist(), reasons, strict=True)))
 
 
 # ------------------------------------------------------------------------------------------ frontend
@@ -272,8 +277,8 @@ def _run_map(dataset, ctx: _Ctx, num_proc: int, progress: bool, fingerprint: str
 def tokenize_pairs(dataset, tokenizer, *, max_length: int, fmt: str = "auto", truncation: str = "prompt_left",
                    special_tokens_in_content: str = "reject", num_proc: int = 1,
                    cache_dir: str | os.PathLike | None = None, strict: bool = False,
-                   progress: bool = True) -> tuple[list[TokenizedPair], DropReport]:
-    """Tokenize every row of ``dataset`` into a :class:`TokenizedPair` (``pair_id`` = row index).
+                   progress: bool = True) -> tuple[TokenizedPairs, DropReport]:
+    """Tokenize every row of ``dataset`` into a pair of :class:`TokenizedPairs` (``pair_id`` = row index).
 
     Args:
         dataset: a ``datasets.Dataset`` (see :func:`~orpo_ds.data.io.load_records`).
@@ -290,12 +295,15 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, fmt: str = "auto", tr
             (file content hash for :func:`~orpo_ds.data.io.load_records` files), the tokenizer's identity (name, size,
             full serialized state incl. vocab, chat template), ``max_length``, ``truncation``, the
             resolved format, ``special_tokens_in_content`` with the control tokens it looks for, and
-            :data:`~orpo_ds.data.cache.CACHE_VERSION`. A hit skips tokenization entirely.
+            :data:`~orpo_ds.data.cache.CACHE_VERSION`. A hit skips tokenization entirely. The pairs returned
+            are memory-mapped from the cache folder whenever one holds them (a hit, or a miss just
+            saved), so processes that read the same folder share one copy.
         strict: raise :class:`DataError` (naming the first bad row) if any row is unusable.
         progress: show the ``datasets`` progress bar.
 
     Returns:
-        ``(pairs, report)``: the kept pairs in row order, and the :class:`DropReport` of all rows.
+        ``(pairs, report)``: the kept pairs in row order (columns, :class:`TokenizedPairs`), and the
+        :class:`DropReport` of all rows.
 
     Raises:
         DataError: bad arguments, undetectable format, a tokenizer without EOS (or without chat template
@@ -311,7 +319,7 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, fmt: str = "auto", tr
                         f"{', '.join(SPECIAL_TOKEN_POLICIES)}")
     if num_proc < 1:
         raise DataError(f"num_proc must be >= 1, got {num_proc}")
-    fmt = resolve_format(dataset, fmt)
+    requested_fmt, fmt = fmt, resolve_format(dataset, fmt)
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token; set one")
@@ -328,36 +336,64 @@ def tokenize_pairs(dataset, tokenizer, *, max_length: int, fmt: str = "auto", tr
     ctx = _Ctx(tokenizer, fmt, use_template, int(eos_id), tokenizer.bos_token_id, max_length, truncation,
                special_tokens_in_content, control_pattern(control))
 
-    inputs = cache_inputs(dataset, tokenizer, max_length=max_length, truncation=truncation, fmt=fmt,
-                          special_tokens=special_tokens_in_content, control_tokens=control)
-    key = cache_key(inputs) if inputs is not None else uuid.uuid4().hex
-    cached = None
-    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise DataError(f"data.cache_dir {str(cache_dir)!r} is a file; name a folder for the tokenized-pairs cache")
-    if cache_dir is not None and inputs is not None:
-        cached = load_cache(Path(cache_dir) / key, key)
-        if cached is not None:
-            logger.info("tokenized pairs loaded from cache %s", Path(cache_dir) / key)
+    folder, key, inputs = _cache_entry(getattr(dataset, "_fingerprint", None), tokenizer, cache_dir,
+                                       max_length=max_length, truncation=truncation, fmt=requested_fmt,
+                                       special_tokens=special_tokens_in_content)
+    cached = load_cache(folder, key) if folder is not None else None
     if cached is not None:
+        logger.info("tokenized pairs loaded from cache %s", folder)
         pairs, report = cached
     else:
         pairs, report = _run_map(dataset, ctx, num_proc, progress, fingerprint=key)
-        if cache_dir is not None and inputs is not None:
-            save_cache(Path(cache_dir) / key, key, inputs, pairs, report)
+        if folder is not None and save_cache(folder, key, inputs, pairs, report):
+            # Swap the private in-memory copy for the mapped file, which this node's other ranks map too.
+            pairs, report = load_cache(folder, key) or (pairs, report)
+    _raise_if_strict(report, strict)
+    return pairs, report
+
+
+def _cache_entry(fingerprint: str | None, tokenizer, cache_dir: str | os.PathLike | None, **settings
+                 ) -> tuple[Path | None, str, dict[str, Any] | None]:
+    """``(folder, key, inputs)``: where tokenizing a dataset of ``fingerprint`` with ``settings`` (those of
+    :func:`~orpo_ds.data.cache.cache_inputs`) is cached. ``folder`` is None when nothing is cached (no
+    ``cache_dir``, or no fingerprint); ``key`` then names the ``datasets.map`` run only."""
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise DataError(f"data.cache_dir {str(cache_dir)!r} is a file; name a folder for the tokenized-pairs cache")
+    control = control_tokens(tokenizer, bool(getattr(tokenizer, "chat_template", None)))
+    inputs = cache_inputs(fingerprint, tokenizer, control_tokens=control, **settings)
+    if inputs is None:
+        return None, uuid.uuid4().hex, None
+    key = cache_key(inputs)
+    return (Path(cache_dir) / key if cache_dir is not None else None), key, inputs
+
+
+def _raise_if_strict(report: DropReport, strict: bool) -> None:
     if strict and report.dropped:
         row, reason = report.dropped[0]
         more = len(report.dropped) - 1
         raise DataError(f"row {row}: {reason}" + (f" (and {more} more unusable rows: {report.summary()})"
                                                    if more else "") + "; strict mode stops on any unusable row",
                         row=row, reason=reason)
-    return pairs, report
 
 
-def tokenize_data_section(source: str, tokenizer, data, *, progress: bool) -> tuple[list[TokenizedPair], DropReport]:
+def tokenize_data_section(source: str, tokenizer, data, *, progress: bool) -> tuple[TokenizedPairs, DropReport]:
     """Load ``source`` and tokenize it with every setting of ``data`` (a :class:`orpo_ds.config.DataConfig`),
-    as training and the planner do."""
-    from orpo_ds.data.io import load_records
+    as training and the planner do.
 
+    A local data file whose pairs are cached is not even parsed: its fingerprint comes from its bytes
+    (:func:`~orpo_ds.data.io.file_fingerprint`), so a rank reading the cache pays for the mapped pairs only,
+    not for a copy of the records as Python objects.
+    """
+    from orpo_ds.data.io import file_fingerprint, load_records
+
+    folder, key, _ = _cache_entry(file_fingerprint(source), tokenizer, data.cache_dir, max_length=data.max_length,
+                                  truncation=data.truncation, fmt=data.format,
+                                  special_tokens=data.special_tokens_in_content)
+    cached = load_cache(folder, key) if folder is not None else None
+    if cached is not None:
+        logger.info("tokenized pairs of %s loaded from cache %s", source, folder)
+        _raise_if_strict(cached[1], data.strict)
+        return cached
     return tokenize_pairs(load_records(source), tokenizer, max_length=data.max_length, fmt=data.format,
                           truncation=data.truncation, num_proc=data.num_proc,
                           special_tokens_in_content=data.special_tokens_in_content, cache_dir=data.cache_dir,

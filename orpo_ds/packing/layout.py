@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orpo_ds.data.pairs import TokenizedPair  # the input, made by the data pipeline
+from orpo_ds.data.columns import FIELDS, TokenizedPairs  # the input, made by the data pipeline
+from orpo_ds.data.pairs import TokenizedPair
 from orpo_ds.logps import IGNORE_INDEX  # the label the log-prob head skips
 
 
@@ -55,6 +56,27 @@ class PairLayout(abc.ABC):
     def segments(self, pair: TokenizedPair) -> list[LaidOutSequence]:
         """The pair's segments, in row order."""
 
+    def pair_num_tokens(self, pairs: TokenizedPairs) -> np.ndarray:
+        """``[N]`` int64 :meth:`num_tokens` of every pair, what the packer budgets. This generic version
+        builds each pair; :class:`LengthsLayout` computes it from the length columns alone."""
+        return np.fromiter((self.num_tokens(p) for p in pairs), dtype=np.int64, count=len(pairs))
+
+
+class LengthsLayout(PairLayout):
+    """A layout whose token count is a function of the three lengths only (both built-in layouts): one
+    formula, :meth:`tokens_of_lengths`, serves one pair and a million at once."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def tokens_of_lengths(prompt, chosen, rejected):
+        """Tokens in a row from the lengths of prompt, chosen and rejected: ints, or ``[N]`` int64 arrays."""
+
+    def num_tokens(self, pair: TokenizedPair) -> int:
+        return self.tokens_of_lengths(len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids))
+
+    def pair_num_tokens(self, pairs: TokenizedPairs) -> np.ndarray:
+        return self.tokens_of_lengths(*(pairs.lengths(f) for f in FIELDS))
+
 
 def _sequence_segment(prompt: tuple[int, ...], response: tuple[int, ...], is_chosen: bool) -> LaidOutSequence:
     """One sequence ``prompt + response``, positions from 0, labels shifted within the sequence."""
@@ -69,19 +91,20 @@ def _sequence_segment(prompt: tuple[int, ...], response: tuple[int, ...], is_cho
     return LaidOutSequence(input_ids, np.arange(length, dtype=np.int64), labels, response_mask, is_chosen)
 
 
-class SeparateSequencesLayout(PairLayout):
+class SeparateSequencesLayout(LengthsLayout):
     """Two independent sequences, ``[prompt + chosen]`` then ``[prompt + rejected]``, each with position
     ids from 0. The prompt is stored twice: ``2*len(prompt) + len(chosen) + len(rejected)`` tokens."""
 
-    def num_tokens(self, pair: TokenizedPair) -> int:
-        return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+    @staticmethod
+    def tokens_of_lengths(prompt, chosen, rejected):
+        return 2 * prompt + chosen + rejected
 
     def segments(self, pair: TokenizedPair) -> list[LaidOutSequence]:
         return [_sequence_segment(pair.prompt_ids, pair.chosen_ids, is_chosen=True),
                 _sequence_segment(pair.prompt_ids, pair.rejected_ids, is_chosen=False)]
 
 
-class SharedPromptLayout(PairLayout):
+class SharedPromptLayout(LengthsLayout):
     """Prompt once: ``[prompt + chosen]`` then ``[rejected]``, ``len(prompt) + len(chosen) + len(rejected)``
     tokens. The rejected response attends to the prompt's keys and values, never to the chosen ones, and
     its position ids continue from the prompt's end, so every token sees exactly what it sees in
@@ -111,8 +134,9 @@ class SharedPromptLayout(PairLayout):
     empty prompt leaves nothing to share: the two responses are then laid out as separate sequences.
     """
 
-    def num_tokens(self, pair: TokenizedPair) -> int:
-        return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+    @staticmethod
+    def tokens_of_lengths(prompt, chosen, rejected):
+        return prompt + chosen + rejected
 
     def segments(self, pair: TokenizedPair) -> list[LaidOutSequence]:
         prompt = pair.prompt_ids

@@ -7,7 +7,10 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orpo_ds.data.pairs import TokenizedPair  # the input, made by the data pipeline
+import numpy as np
+
+from orpo_ds.data.columns import TokenizedPairs, as_tokenized_pairs  # the input, made by the data pipeline
+from orpo_ds.data.pairs import TokenizedPair
 from orpo_ds.packing.bins import _check_int_at_least, pack_pairs
 from orpo_ds.packing.layout import DEFAULT_LAYOUT, PairLayout
 
@@ -71,13 +74,23 @@ class ScheduledStep:
         return len(self.filled_rows())
 
 
-def epoch_rows(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, *, seed: int, epoch: int,
+Pairs = TokenizedPairs | Sequence[TokenizedPair]  # columns, or a list of pairs (turned into columns)
+
+
+def epoch_rows(pairs: Pairs, micro_batch_tokens: int, *, seed: int, epoch: int,
                layout: PairLayout = DEFAULT_LAYOUT) -> tuple[list[list[int]], list[int]]:
     """One epoch's packed rows (pair indices) in the order steps consume them, and their token counts.
-    They do not depend on the world size: only how they are dealt to steps and ranks does."""
-    lengths = [layout.num_tokens(p) for p in pairs]
-    bins = pack_pairs(lengths, micro_batch_tokens, seed=seed, epoch=epoch, pair_ids=[p.pair_id for p in pairs])
-    return bins, [sum(lengths[i] for i in b) for b in bins]
+    They do not depend on the world size: only how they are dealt to steps and ranks does. Only the
+    pairs' length columns are read: token ids are gathered when a row is built."""
+    pairs = as_tokenized_pairs(pairs)
+    lengths = layout.pair_num_tokens(pairs)  # [N] int64
+    bins = pack_pairs(lengths, micro_batch_tokens, seed=seed, epoch=epoch, pair_ids=pairs.pair_id)
+    if not bins:
+        return bins, []
+    bin_sizes = np.fromiter(map(len, bins), dtype=np.int64, count=len(bins))
+    members = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=int(bin_sizes.sum()))
+    bin_tokens = np.add.reduceat(lengths[members], np.cumsum(bin_sizes) - bin_sizes)
+    return bins, bin_tokens.tolist()
 
 
 def deal_rows(bins: list[list[int]], bin_tokens: list[int], world_size: int, grad_accum: int,
@@ -87,7 +100,7 @@ def deal_rows(bins: list[list[int]], bin_tokens: list[int], world_size: int, gra
             for step in schedule_steps(bin_tokens, world_size, grad_accum)]
 
 
-def schedule_epoch(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
+def schedule_epoch(pairs: Pairs, micro_batch_tokens: int, world_size: int, grad_accum: int, *,
                seed: int, epoch: int, layout: PairLayout = DEFAULT_LAYOUT) -> list[ScheduledStep]:
     """Pack one epoch's pairs into rows and deal the rows to steps and ranks: a deterministic function of
     its arguments, so every rank computes the same plan with no communication."""
@@ -95,7 +108,7 @@ def schedule_epoch(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, worl
     return deal_rows(bins, bin_tokens, world_size, grad_accum, epoch)
 
 
-def schedule_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_size: int, grad_accum: int, *,
+def schedule_run(pairs: Pairs, micro_batch_tokens: int, world_size: int, grad_accum: int, *,
              seed: int, epochs: int, max_steps: int = 0, layout: PairLayout = DEFAULT_LAYOUT) -> list[ScheduledStep]:
     """The whole run's steps: ``epochs`` epochs (each packed afresh), cut at ``max_steps`` when > 0."""
     steps: list[ScheduledStep] = []
@@ -107,7 +120,7 @@ def schedule_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, world_
     return steps[:max_steps] if max_steps else steps
 
 
-def reschedule_run(pairs: Sequence[TokenizedPair], micro_batch_tokens: int, old_world_size: int, world_size: int,
+def reschedule_run(pairs: Pairs, micro_batch_tokens: int, old_world_size: int, world_size: int,
                grad_accum: int, *, done_steps: int, seed: int, epochs: int, max_steps: int = 0,
                layout: PairLayout = DEFAULT_LAYOUT) -> list[ScheduledStep]:
     """The step schedule of a run resumed on ``world_size`` ranks after ``done_steps`` steps on

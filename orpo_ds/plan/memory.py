@@ -25,6 +25,8 @@ with ``saved_tensors_hooks``, exact for fp32 and bf16; tests/unit/test_plan_memo
                       + 3b*q + 2b*k attention: query, key, value, output and its reshaped copy
                       + 4b*f        gate, up, their SiLU and product
                       + 8 + 4*heads the norms' rsqrt, attention's log-sum-exp
+    with Qwen3's q/k norms      + (4 + b)(q + k) + 4(heads + kv heads)
+    in an MoE layer     f = k*w + shared width, and :func:`routing_bytes_per_token`
     once                4d + b*d    the final norm, plus RoPE's cos/sin (2b*head_dim) and 16 B of ids
 
 With activation checkpointing a layer keeps only its input (``b*d``) and one layer is recomputed at a
@@ -36,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orpo_ds.ds_config import ZeroSetup
+from orpo_ds.flops import ExpertLayout
 from orpo_ds.logps import auto_chunk_size
 from orpo_ds.plan.shapes import ModelShape
 
@@ -103,13 +106,30 @@ def communication_buffers(zero: ZeroSetup, dtype_bytes: int) -> int:
     return int(dtype_bytes * (zero.reduce_bucket_size + gather))
 
 
-def layer_activation_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
-    """Bytes one trained decoder layer saves for backward per token (module docstring)."""
+def routing_bytes_per_token(layout: ExpertLayout, hidden: int, dtype_bytes: int) -> int:
+    """What an MoE layer saves per token beyond its experts' MLP intermediates, as transformers 5's
+    ``grouped_mm`` experts (its default) and top-k routers do. Per token and expert it runs: the token's
+    gathered input and the expert's output (``b*d`` each), its routing weight (fp32 at most) and three
+    int64 indices (the gather, the sort, its inverse). Per token: the router's fp32 probabilities ``[E]``
+    and top-k indices, and where the top-k weights are renormalised their fp32 values and sum."""
+    k = layout.experts_per_token
+    per_assignment = 2 * dtype_bytes * hidden + 4 + 3 * INDEX_BYTES
+    router = 4 * layout.experts + INDEX_BYTES * k + ((4 * k + 4) if layout.normalizes_top_k else 0)
+    return k * per_assignment + router
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, dtype_bytes: int, *, moe: bool = False) -> int:
+    """Bytes one trained decoder layer saves for backward per token (module docstring); ``moe``: one of the
+    layers with experts."""
     b, d = dtype_bytes, shape.hidden
     q = shape.heads * shape.head_dim
     norms = 8 * d + 4 * b * d
     attention = 3 * b * q + 2 * b * shape.kv_width
-    mlp = 4 * b * shape.ffn
+    if shape.qk_norm:  # an fp32 upcast and a dtype copy of q and k, and each head's rsqrt
+        attention += (4 + b) * (q + shape.kv_width) + 4 * (shape.heads + shape.kv_heads)
+    mlp = 4 * b * shape.mlp_width(moe)
+    if moe and shape.experts is not None:
+        mlp += routing_bytes_per_token(shape.experts, d, b)
     return norms + attention + mlp + 8 + 4 * shape.heads
 
 
@@ -154,14 +174,19 @@ def activation_estimate(shape: ModelShape, tokens: int, head_positions: int, dty
                         checkpointing: bool, chunk_size: int | None = None) -> ActivationEstimate:
     """One packed row of ``tokens`` tokens whose ``head_positions`` reach the head."""
     b, d = dtype_bytes, shape.hidden
-    per_layer = layer_activation_bytes_per_token(shape, b)
-    kept_per_layer = b * d if checkpointing else per_layer
+    moe_layers = shape.trained_moe_layers
+    dense_layers = shape.trainable_layers - moe_layers
+    dense, moe = layer_activation_bytes_per_token(shape, b), layer_activation_bytes_per_token(shape, b, moe=True)
+    per_layer = max(dense if dense_layers else 0, moe if moe_layers else 0)  # the largest one recomputed
+    kept = b * d * shape.trainable_layers if checkpointing else dense_layers * dense + moe_layers * moe
     once = 4 * d + b * d + 2 * b * shape.head_dim + 2 * INDEX_BYTES
     head_inputs = head_positions * (b * d + 4 + 2 * INDEX_BYTES)  # hidden rows, log-sum-exp, rows, labels
-    saved = tokens * (shape.trainable_layers * kept_per_layer + once) + head_inputs
-    # A layer's backward holds gradients of one MLP intermediate and one hidden state; with
-    # checkpointing it first recomputes that layer's activations.
-    layer_backward = tokens * (b * shape.ffn + b * d + (per_layer if checkpointing else 0))
+    saved = tokens * (kept + once) + head_inputs
+    # A layer's backward holds gradients of one MLP intermediate and one hidden state, and in an MoE layer
+    # those of each token's k gathered inputs and expert outputs; with checkpointing it first recomputes
+    # that layer's activations.
+    routed = 2 * b * d * shape.experts.experts_per_token if moe_layers else 0
+    layer_backward = tokens * (b * shape.ffn + b * d + routed + (per_layer if checkpointing else 0))
     # Full logits, as a trainer without the chunked head keeps them: dtype logits and their fp32
     # log-softmax saved, then an fp32 and a dtype gradient of the same size in backward; plus, for a
     # trained head, its weight gradient and the copy autograd accumulates it from.

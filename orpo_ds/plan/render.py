@@ -40,6 +40,32 @@ def sbatch_line(plan: Plan, config_path: str, overrides: list[str]) -> str:
             f"launch/orpo.sbatch")
 
 
+def experts_lines(plan: Plan) -> list[str]:
+    """Active against held parameters, ZeRO-3's gathers of every expert next to the compute, and the
+    expert-parallel what-if (nothing for a dense model)."""
+    e, c = plan.experts, plan.cluster
+    if e is None:
+        return []
+    layout, bandwidth = e.layout, c.bandwidth_bytes_s
+    lines = [f"experts {layout.experts_per_token} of {layout.experts} per token in {len(layout.moe_layers)}/"
+             f"{plan.planner.shape.layers} layers: {e.active_params / 1e9:.2f}B parameters active per token "
+             f"(what the FLOPs count), {e.total_params / 1e9:.2f}B held (memory, ZeRO-3's gathers)"]
+    gather = e.zero3_gather_bytes
+    if gather:
+        lines.append(f"        ZeRO-3 gathers every expert, in forward and again in backward: {gather / 1e9:.1f} GB "
+                     f"per GPU per step, {_duration(gather / bandwidth)} at {bandwidth / 1e9:.0f} GB/s, against "
+                     f"compute {_duration(plan.step.compute_s)} (estimates)")
+    ep = e.expert_parallel
+    if ep is not None:
+        lines.append(f"        with expert parallelism {ep.size} (a what-if: orpo-ds does not run it yet), each GPU "
+                     f"holds {ep.experts_per_gpu} of {layout.experts} experts per layer, partitioned over the "
+                     f"{c.gpus // ep.size} GPU(s) holding the same ones: gathers "
+                     f"{ep.gather_bytes / 1e9:.1f} GB + all-to-all {ep.all_to_all_bytes / 1e9:.1f} GB per GPU per "
+                     f"step (routing assumed uniform), {_duration(ep.total_bytes / bandwidth)} at "
+                     f"{bandwidth / 1e9:.0f} GB/s; model states per GPU unchanged")
+    return lines
+
+
 def render(plan: Plan, config_path: str, overrides: list[str]) -> str:
     b, c, s, z = plan.budget, plan.cluster, plan.planner.shape, plan.planner.zero
     other = plan.budget_other_checkpointing.activations
@@ -82,9 +108,18 @@ def render(plan: Plan, config_path: str, overrides: list[str]) -> str:
                  f" ({'checkpointed' if ckpt else 'no checkpointing'}); with checkpointing: "
                  f"{plan.largest_row_tokens_checkpointed or 'none'}")
     lines.append(f"fewest GPUs for this row: {plan.fewest_gpus or f'more than {4096}'}")
+    sp, needed = plan.planner.sequence_parallel, plan.sequence_parallel_needed
+    if sp > 1 or needed != 1:
+        lines.append(f"sequence parallel: {sp} (each GPU holds 1/{sp} of every row); this row needs "
+                     f"{needed if needed else f'more than these {c.gpus} GPUs can give'}"
+                     + (" (train.sequence_parallel_size)" if needed and needed > 1 else ""))
     lines += ["", f"step    {_duration(plan.step.total_s)} = compute {_duration(plan.step.compute_s)} at MFU "
               f"{plan.mfu:.0%} ({plan.mfu_source}) + ZeRO traffic {plan.traffic_bytes / 1e9:.1f} GB at "
-              f"{c.bandwidth_bytes_s / 1e9:.0f} GB/s {_duration(plan.step.communication_s)} (not overlapped)"]
+              f"{c.bandwidth_bytes_s / 1e9:.0f} GB/s {_duration(plan.step.communication_s)}"
+              + (f" + Ulysses all-to-all {plan.sequence_parallel_bytes / 1e9:.1f} GB at "
+                 f"{c.sequence_parallel_bandwidth(sp) / 1e9:.0f} GB/s {_duration(plan.step.sequence_parallel_s)}"
+                 if sp > 1 else "") + " (not overlapped)"]
+    lines += experts_lines(plan)
     if plan.epoch_s is not None:
         lines.append(f"epoch   {plan.rows.steps_per_epoch} steps, {_duration(plan.epoch_s)}")
     lines += [f"note    {n}" for n in plan.notes]

@@ -25,6 +25,7 @@ class RowStats:
         head_fraction: positions reaching the head per token, over the epoch.
         steps_per_epoch: optimizer steps of one epoch on ``ranks`` GPUs.
         flops_per_step: mean model FLOPs of a step, all ranks together.
+        tokens_per_step: mean tokens of a step's packed rows, all ranks together.
         pairs: usable pairs (None without data).
         source: where the figures come from, for the report.
     """
@@ -33,6 +34,7 @@ class RowStats:
     head_fraction: float
     steps_per_epoch: int | None
     flops_per_step: float
+    tokens_per_step: float
     pairs: int | None
     source: str
 
@@ -46,14 +48,16 @@ def from_data(cfg: Config, model_config, ranks: int) -> RowStats:
     pairs, _ = tokenize_data_section(d.train, load_tokenizer(cfg), d, progress=True)
     layout = layout_for(t.share_prompt)
     steps = schedule_epoch(pairs, t.micro_batch_tokens, ranks, t.grad_accum, seed=t.seed, epoch=0, layout=layout)
-    row_tokens = [sum(layout.num_tokens(pairs[i]) for i in row) for s in steps for row in s.filled_rows()]
+    pair_tokens = layout.pair_num_tokens(pairs)  # [N], from the length columns: no pair is built
+    row_tokens = [int(pair_tokens[row].sum()) for s in steps for row in s.filled_rows()]
     flops, head = 0.0, 0
     for s in steps:
         lengths, head_positions = step_shape(s, pairs, cfg.loss.nll_on_prompt)
         flops += step_flops(model_config, lengths, head_positions)
         head += head_positions
     return RowStats(largest_row_tokens=max(row_tokens), head_fraction=head / sum(row_tokens),
-                    steps_per_epoch=len(steps), flops_per_step=flops / len(steps), pairs=len(pairs),
+                    steps_per_epoch=len(steps), flops_per_step=flops / len(steps),
+                    tokens_per_step=sum(row_tokens) / len(steps), pairs=len(pairs),
                     source=f"{d.train}: {len(pairs)} pairs packed into {len(row_tokens)} rows")
 
 
@@ -65,7 +69,7 @@ def assumed(cfg: Config, model_config, ranks: int) -> RowStats:
     tokens = rows * len(per_row) * max_length
     flops = step_flops(model_config, per_row * rows, int(tokens * ASSUMED_HEAD_FRACTION))
     return RowStats(largest_row_tokens=t.micro_batch_tokens, head_fraction=ASSUMED_HEAD_FRACTION,
-                    steps_per_epoch=None, flops_per_step=flops, pairs=None,
+                    steps_per_epoch=None, flops_per_step=flops, tokens_per_step=tokens, pairs=None,
                     source=f"no data read from {cfg.data.train}: full rows of {max_length}-token sequences, "
                            f"{ASSUMED_HEAD_FRACTION:.0%} of tokens in responses (assumed); no epoch time")
 

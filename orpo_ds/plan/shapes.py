@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from orpo_ds.config import ConfigError
+from orpo_ds.flops import ExpertLayout, expert_layout, idle_expert_params
 from orpo_ds.model import train_top_layers_only
 from orpo_ds.model_files import read_model_config
 
@@ -27,6 +28,11 @@ PRESETS: dict[str, dict] = {
     "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, intermediate_size=29568, vocab_size=152064,
                         tie_word_embeddings=False),
+    # Mixture of experts: 128 experts of width 768 in each of the 48 layers, 8 per token, no shared expert.
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                          num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+                          norm_topk_prob=True, vocab_size=151936, tie_word_embeddings=False),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
 }
@@ -34,7 +40,8 @@ PRESETS: dict[str, dict] = {
 PRESET_ALIASES = {
     "meta-llama/meta-llama-3-8b-instruct": "llama-3-8b", "meta-llama/llama-3.1-8b-instruct": "llama-3-8b",
     "meta-llama/meta-llama-3-70b-instruct": "llama-3-70b", "meta-llama/llama-3.1-70b-instruct": "llama-3-70b",
-    "qwen/qwen2.5-72b-instruct": "qwen2.5-72b", "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
+    "qwen/qwen2.5-72b-instruct": "qwen2.5-72b", "qwen/qwen3-30b-a3b": "qwen3-30b-a3b",
+    "qwen/qwen3-30b-a3b-instruct-2507": "qwen3-30b-a3b", "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
 }
 
 
@@ -50,7 +57,9 @@ class ModelShape:
 
     Attributes:
         config: the transformers config (``hidden_size``, ``vocab_size``, ... as the model reads them).
-        total_params: every parameter once (tied weights once).
+        total_params: every parameter once (tied weights once): what memory holds and ZeRO-3 gathers.
+        active_params: those one token runs: the total less the routed experts it skips (mixture of
+            experts: ``E - k`` per MoE layer, :func:`orpo_ds.flops.idle_expert_params`); the total when dense.
         trainable_params: those ``model.trainable_layers`` leaves trainable (all, when it is null).
         largest_module_params: the most parameters one module holds directly (usually the embedding):
             what ZeRO-3 gathers at once, the figure DeepSpeed's estimator calls the largest layer.
@@ -60,16 +69,20 @@ class ModelShape:
         trainable_layers: decoder layers that train (and so save activations).
         head_trainable: whether the output head trains (it is frozen with ``model.trainable_layers``).
         numels: every distinct parameter's element count, for thresholds applied later.
+        qk_norm: whether attention normalises its queries and keys (Qwen3's per-head ``q_norm``/``k_norm``;
+            OLMo2's cover the whole projection, for which the per-head rsqrt term slightly overcounts).
     """
 
     config: object
     total_params: int
+    active_params: int
     trainable_params: int
     largest_module_params: int
     decoder_layer_params: int
     trainable_layers: int
     head_trainable: bool
     numels: tuple[int, ...]
+    qk_norm: bool = False
 
     @property
     def hidden(self) -> int:
@@ -84,8 +97,19 @@ class ModelShape:
         return self.config.vocab_size
 
     @property
+    def experts(self) -> ExpertLayout | None:
+        """The mixture-of-experts layout, None for a dense model."""
+        return expert_layout(self.config)
+
+    @property
     def ffn(self) -> int:
-        return self.config.intermediate_size
+        """The widest MLP one token runs through: ``intermediate_size``, or in an MoE layer its ``k``
+        routed experts and the shared ones side by side (the activations a token saves there)."""
+        layout = self.experts
+        if layout is None:
+            return self.mlp_width(moe=False)
+        all_moe = len(layout.moe_layers) == self.layers
+        return self.mlp_width(moe=True) if all_moe else max(self.mlp_width(moe=True), self.mlp_width(moe=False))
 
     @property
     def heads(self) -> int:
@@ -96,10 +120,28 @@ class ModelShape:
         return getattr(self.config, "head_dim", None) or self.hidden // self.heads
 
     @property
+    def kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.heads
+
+    @property
     def kv_width(self) -> int:
         """Width of the key (and of the value) projection: ``kv_heads * head_dim``."""
-        kv_heads = getattr(self.config, "num_key_value_heads", None) or self.heads
-        return kv_heads * self.head_dim
+        return self.kv_heads * self.head_dim
+
+    def mlp_width(self, moe: bool) -> int:
+        """The MLP intermediate a token runs through in a dense layer (``intermediate_size``) or in an MoE
+        layer (its ``k`` routed experts and the shared ones side by side)."""
+        layout = self.experts
+        if not moe or layout is None:
+            return self.config.intermediate_size
+        return layout.experts_per_token * layout.expert_width + layout.shared_width
+
+    @property
+    def trained_moe_layers(self) -> int:
+        """MoE layers among the trained ones (``model.trainable_layers`` trains the top layers)."""
+        layout = self.experts
+        first_trained = self.layers - self.trainable_layers
+        return 0 if layout is None else sum(i >= first_trained for i in layout.moe_layers)
 
     def persistent_params(self, threshold: int) -> int:
         """Parameters ZeRO-3 does not partition: those with fewer than ``threshold`` elements."""
@@ -144,7 +186,9 @@ def model_shape(config, trainable_layers: int | None = None, lora=None) -> Model
     trained_layers = sum(any(p.requires_grad for p in layer.parameters()) for layer in decoder)
     per_layer = sum(p.numel() for p in decoder[0].parameters())
     head_trainable = model.get_output_embeddings().weight.requires_grad
-    return ModelShape(config=config, total_params=total, trainable_params=trainable,
+    return ModelShape(config=config, total_params=total, active_params=total - idle_expert_params(config),
+                      trainable_params=trainable,
                       largest_module_params=largest, decoder_layer_params=per_layer,
                       trainable_layers=trained_layers, head_trainable=head_trainable,
-                      numels=tuple(p.numel() for p in unique.values()))
+                      numels=tuple(p.numel() for p in unique.values()),
+                      qk_norm=hasattr(getattr(decoder[0], "self_attn", None), "q_norm"))

@@ -9,7 +9,11 @@ volume through every GPU:
     ZeRO-1/2  reduce-scatter the gradients and all-gather the updated parameters, once per step
     ZeRO-0    all-reduce the gradients (2 x b*Pt), once per step
 
-The two are added, not overlapped, so the step time is an upper bound for the traffic DeepSpeed hides
+With sequence parallelism (``train.sequence_parallel_size`` N), each layer's attention also runs
+Ulysses' all-to-alls within the N GPUs of a row: the GPU's q, k and v in, the output back, in forward, in
+backward, and in a checkpointed layer's recomputation (:func:`ulysses_bytes_per_step`).
+
+The terms are added, not overlapped, so the step time is an upper bound for the traffic DeepSpeed hides
 behind compute (``overlap_comm``). CPU offload's host transfers are not modelled.
 """
 
@@ -26,33 +30,63 @@ DEFAULT_MFU = 0.40
 DEFAULT_MFU_SOURCE = "assumed: no orpo-ds GPU step has been measured yet (benchmarks/RESULTS.md)"
 
 
+def ring_share(ranks: int) -> float:
+    """The share of a ring collective's volume that passes through each of ``ranks`` GPUs."""
+    return (ranks - 1) / ranks
+
+
+def zero3_gather_bytes_per_step(params: float, ranks: int, grad_accum: int, dtype_bytes: int) -> float:
+    """Bytes each GPU receives per optimizer step as ZeRO-3 gathers ``params`` parameters, partitioned
+    over ``ranks`` GPUs, in forward and again in backward, every micro-batch, in the training dtype."""
+    return ring_share(ranks) * grad_accum * 2 * dtype_bytes * params
+
+
 def traffic_bytes_per_step(shape: ModelShape, zero: ZeroSetup, ranks: int, grad_accum: int, dtype_bytes: int) -> float:
     """Bytes each GPU sends (and receives) per optimizer step over the data-parallel group."""
     if ranks == 1:
         return 0.0
     b, p, pt = dtype_bytes, shape.total_params, shape.trainable_params
-    ring = (ranks - 1) / ranks
+    ring = ring_share(ranks)
     if zero.stage == 3:
-        volume = grad_accum * (2 * b * p + b * pt)
-    elif zero.stage in (1, 2):
-        volume = b * pt + b * p
-    else:
-        volume = 2 * b * pt
-    return ring * volume
+        return zero3_gather_bytes_per_step(p, ranks, grad_accum, b) + ring * grad_accum * b * pt
+    if zero.stage in (1, 2):
+        return ring * (b * pt + b * p)
+    return ring * 2 * b * pt
+
+
+def ulysses_bytes_per_step(shape: ModelShape, size: int, tokens_per_replica: float, dtype_bytes: int, *,
+                           checkpointing: bool) -> float:
+    """Bytes each GPU sends (and receives) per optimizer step in DeepSpeed Ulysses' all-to-alls, when
+    ``size`` GPUs share each row and a data-parallel replica's rows hold ``tokens_per_replica`` tokens.
+
+    Per layer and pass a GPU's ``T/N`` tokens go out as q, k and v and come back as the attention output,
+    ``(N - 1) / N`` of each to the other GPUs. KV heads fewer than N are replicated to N first, as
+    ``UlyssesSPAttentionHF`` does. The passes: forward through every layer, backward (the gradients of the
+    same tensors) through the trained layers, and with checkpointing their forward once more."""
+    if size == 1:
+        return 0.0
+    kv_width = max(shape.kv_width, size * shape.head_dim)
+    per_token = dtype_bytes * (2 * shape.heads * shape.head_dim + 2 * kv_width)  # q and output, k and v
+    passes = shape.layers + shape.trainable_layers * (2 if checkpointing else 1)
+    return ring_share(size) * passes * per_token * tokens_per_replica / size
 
 
 @dataclass(frozen=True)
 class StepTime:
     compute_s: float
-    communication_s: float
+    communication_s: float  # ZeRO's collectives over the data-parallel GPUs
+    sequence_parallel_s: float = 0.0  # Ulysses' all-to-alls within a row's GPUs
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.communication_s
+        return self.compute_s + self.communication_s + self.sequence_parallel_s
 
 
 def step_time(flops_per_step: float, traffic_bytes: float, *, ranks: int, peak_flops: float, mfu: float,
-              bandwidth_bytes_s: float) -> StepTime:
+              bandwidth_bytes_s: float, sequence_parallel_bytes: float = 0.0,
+              sequence_parallel_bandwidth_bytes_s: float | None = None) -> StepTime:
     """Seconds of one optimizer step whose model FLOPs (all ranks together) are ``flops_per_step``."""
     return StepTime(compute_s=flops_per_step / (ranks * mfu * peak_flops),
-                    communication_s=traffic_bytes / bandwidth_bytes_s)
+                    communication_s=traffic_bytes / bandwidth_bytes_s,
+                    sequence_parallel_s=sequence_parallel_bytes / (sequence_parallel_bandwidth_bytes_s
+                                                                   or bandwidth_bytes_s))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.models import save_tiny_llama
+from tests.helpers.network import free_port
 from tests.helpers.synthetic import write_pairs
 from tests.helpers.tokenizers import make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_env() -> dict[str, str]:

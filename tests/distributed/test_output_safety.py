@@ -72,8 +72,8 @@ def test_reruns_resume_past_a_torn_line_and_refuse_changed_data_or_a_fresh_start
 
 def test_busy_output_dir_and_a_users_folder_at_final_exit_2_before_any_work(tiny_model, synthetic_data, tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from orpo_ds.safe_files import FolderLock; "
-                               f"FolderLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
+    holder = subprocess.Popen([sys.executable, "-c", "import signal; from orpo_ds.safe_files import FolderLock; "
+                               f"FolderLock({str(out)!r}).acquire(); print('locked', flush=True); signal.pause()"],
                               cwd=REPO, env=run_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

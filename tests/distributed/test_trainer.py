@@ -347,3 +347,17 @@ def test_zero3_on_two_ranks_holds_about_half_of_one_ranks_state(tiny_model, synt
         planned = model_states(shape, zero, ranks, dtype_bytes=4)
         for kind in ("parameters", "gradients", "optimizer"):
             assert held[ranks][kind] == pytest.approx(getattr(planned, kind), rel=0.02), (ranks, kind, held, planned)
+
+
+def test_log_steps_reads_and_logs_every_nth_step_and_the_last(tiny_model, synthetic_data, tmp_path):
+    # Between logged steps the host does not read the device (issue #34): the records still come, every
+    # third step and the last, with throughput over the steps since the previous record.
+    out = tmp_path / "run"
+    proc = launch(["train", *base_overrides(tiny_model, synthetic_data, out, **{
+        "train.max_steps": 7, "train.log_steps": 3, "train.eval_before": "false", "train.export": "false"})],
+        ranks=1)
+    assert proc.returncode == 0
+    records = train_steps(read_metrics(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [3, 6, 7]
+    for r in records:
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["pairs"] > 0 and r["loss"] == r["loss"]

@@ -71,3 +71,32 @@ def reference_train(model, steps_pairs, *, beta: float, nll_on_prompt: bool, pad
         sched.step()
         history.append(metrics)
     return history
+
+
+def reference_router_aux(model, rows, pad_id: int) -> torch.Tensor:
+    """The router's balancing loss of a step whose packed rows hold the pairs ``rows`` (one list per row):
+    each row as the mixture-of-experts model's own ``ForCausalLM`` computes it, on a padded batch of the
+    row's sequences with an attention mask (``output_router_logits=True``: its ``aux_loss``), weighted by
+    the row's share of the step's real tokens."""
+    losses, tokens = [], []
+    for pairs in rows:
+        ids, attn, _, _ = padded_batch(pairs, pad_id)
+        losses.append(model(input_ids=ids, attention_mask=attn, use_cache=False, output_router_logits=True).aux_loss)
+        tokens.append(int(attn.sum()))
+    return sum(loss * n / sum(tokens) for loss, n in zip(losses, tokens, strict=True))
+
+
+@torch.no_grad()
+def smallest_routing_margin(model, rows, pad_id: int, top_k: int) -> float:
+    """The smallest gap, over the real tokens of ``rows`` and every MoE layer, between a token's ``k``-th
+    and ``k+1``-th router logits. Two runs that differ by round-off route every token alike only when
+    this gap is well above that round-off; a near-tie can send a token to another expert in one of them."""
+    smallest = float("inf")
+    for pairs in rows:
+        ids, attn, _, _ = padded_batch(pairs, pad_id)
+        out = model(input_ids=ids, attention_mask=attn, use_cache=False, output_router_logits=True)
+        real = attn.reshape(-1).bool()
+        for logits in out.router_logits:  # [B * S, E] per layer
+            ranked = logits.reshape(-1, logits.shape[-1])[real].topk(top_k + 1, dim=-1).values
+            smallest = min(smallest, float((ranked[:, top_k - 1] - ranked[:, top_k]).min()))
+    return smallest

@@ -9,7 +9,6 @@ are missing) and always takes it down again; without root or apt the tests skip.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -23,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from orpo_ds.metrics import read_metrics
 from tests.helpers.models import save_tiny_llama
+from tests.helpers.network import free_port
 from tests.helpers.synthetic import write_pairs
 from tests.helpers.tokenizers import make_tiny_tokenizer
 
@@ -123,7 +124,9 @@ def job_env(cluster: Cluster, work: Path, out: Path, extra_overrides: str = "", 
     return dict(cluster.env, CONFIG="", OUTPUT_DIR=str(out), OVERRIDES=overrides, DS_ACCELERATOR="cpu",
                 TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), OMP_NUM_THREADS="1",
                 HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHON=str(REPO / ".venv" / "bin" / "python")
-                if (REPO / ".venv" / "bin" / "python").exists() else os.environ.get("PYTHON", "python3"), **env)
+                if (REPO / ".venv" / "bin" / "python").exists() else os.environ.get("PYTHON", "python3"),
+                # A free port, not the script's 20000 + job id: a fresh test cluster numbers its jobs from 1.
+                **{"MASTER_PORT": str(free_port()), **env})
 
 
 def submit(cluster: Cluster, work: Path, name: str, env: dict[str, str]) -> tuple[str, Path]:
@@ -136,8 +139,7 @@ def submit(cluster: Cluster, work: Path, name: str, env: dict[str, str]) -> tupl
 
 
 def train_steps(metrics: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in metrics.read_text().splitlines()
-            if line.strip() and "loss" in json.loads(line)]
+    return [m["step"] for m in read_metrics(metrics) if "loss" in m]  # skips a line the job is still writing
 
 
 def test_two_node_zero3_run_completes(cluster, work):

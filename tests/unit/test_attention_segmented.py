@@ -112,7 +112,7 @@ def _model(attn):
 def test_packed_row_through_segmented_sdpa_equals_dense_sdpa_and_builds_no_mask(monkeypatch, n_pairs, seed):
     mb = prepare_micro_batch(build_row(_pairs(n_pairs, seed)), nll_on_prompt=True)
     dense, segmented = _model("sdpa"), _model(SEGMENTED_SDPA)
-    want = PolicyWithChunkedHead(dense)(**mb.model_inputs())
+    want = PolicyWithChunkedHead(dense)(**mb.model_inputs()).token_logps
     want.sum().backward()
 
     def no_mask(*args, **kwargs):
@@ -120,7 +120,7 @@ def test_packed_row_through_segmented_sdpa_equals_dense_sdpa_and_builds_no_mask(
 
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", no_mask)
     monkeypatch.setattr(masking_utils, "sdpa_mask", no_mask)
-    got = PolicyWithChunkedHead(segmented)(**mb.model_inputs())
+    got = PolicyWithChunkedHead(segmented)(**mb.model_inputs()).token_logps
     got.sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(segmented.named_parameters(), dense.parameters(), strict=True):

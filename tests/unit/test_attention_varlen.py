@@ -76,8 +76,8 @@ def test_varlen_attention_gets_the_packers_boundaries_and_matches_sdpa(monkeypat
     mb = prepare_micro_batch(row, nll_on_prompt=False)
     SEEN.clear()
     with torch.no_grad():
-        want = PolicyWithChunkedHead(sdpa_model)(**mb.model_inputs())
-        got = PolicyWithChunkedHead(varlen_model)(**mb.model_inputs())
+        want = PolicyWithChunkedHead(sdpa_model)(**mb.model_inputs()).token_logps
+        got = PolicyWithChunkedHead(varlen_model)(**mb.model_inputs()).token_logps
     assert sdpa_model.config._attn_implementation == "sdpa" and len(SEEN) == cfg.num_hidden_layers
     for call in SEEN:
         assert torch.equal(call["cu"], mb.cu_seqlens) and torch.equal(call["cu_k"], mb.cu_seqlens)

@@ -50,7 +50,7 @@ def test_packed_chunked_loss_equals_naive_padded_reference(nll_on_prompt, chunk_
     g_tokens = sum(mb.num_nll_tokens for mb in mbs)
     total = 0.0
     for mb in mbs:
-        loss, _ = micro_batch_loss(policy(**mb.model_inputs()), mb, beta=beta, global_nll_tokens=g_tokens,
+        loss, _ = micro_batch_loss(policy(**mb.model_inputs()).token_logps, mb, beta=beta, global_nll_tokens=g_tokens,
                                    global_pairs=g_pairs)
         loss.backward()
         total += loss.item()
@@ -76,7 +76,8 @@ def test_dummy_micro_batch_contributes_zero_loss_but_touches_all_parameters():
     model = _model()
     policy = PolicyWithChunkedHead(model)
     mb = dummy_micro_batch(pad_token_id=0)
-    loss, stats = micro_batch_loss(policy(**mb.model_inputs()), mb, beta=0.1, global_nll_tokens=1, global_pairs=1)
+    loss, stats = micro_batch_loss(policy(**mb.model_inputs()).token_logps, mb, beta=0.1, global_nll_tokens=1,
+                                   global_pairs=1)
     loss.backward()
     assert loss.item() == 0.0 and stats == {}
     assert all(p.grad is not None and not p.grad.abs().any() for p in model.parameters())
@@ -90,8 +91,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model = _model().train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        loss, _ = micro_batch_loss(PolicyWithChunkedHead(model, chunk_size=5)(**mb.model_inputs()), mb, beta=0.1,
-                                   global_nll_tokens=mb.num_nll_tokens, global_pairs=mb.num_pairs)
+        token_logps = PolicyWithChunkedHead(model, chunk_size=5)(**mb.model_inputs()).token_logps
+        loss, _ = micro_batch_loss(token_logps, mb, beta=0.1, global_nll_tokens=mb.num_nll_tokens,
+                                   global_pairs=mb.num_pairs)
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():

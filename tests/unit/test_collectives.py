@@ -25,6 +25,7 @@ from orpo_ds.model import PolicyWithChunkedHead
 from orpo_ds.packing import build_row
 from orpo_ds.preemption import PreemptionSignal
 from orpo_ds.step import train_step
+from tests.helpers.engines import PlainEngine
 
 V = 53
 META = torch.device("meta")
@@ -34,22 +35,6 @@ def _pairs(n):
     rng = random.Random(0)
     ids = lambda lo, hi: tuple(rng.randrange(3, V) for _ in range(rng.randint(lo, hi)))  # noqa: E731
     return [TokenizedPair(i, ids(2, 6), ids(1, 5) + (2,), ids(1, 5) + (2,)) for i in range(n)]
-
-
-class _PlainEngine:
-    """The engine facade's surface over a plain module: enough to drive the loop without DeepSpeed."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, **inputs):
-        return self.module(**inputs)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self) -> bool:
-        return True
 
 
 @pytest.fixture
@@ -67,7 +52,11 @@ def on_meta_rank(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     # A meta tensor holds no numbers; the host read returns zeros of its shape, which the loop accepts.
-    monkeypatch.setattr(dist_lib, "host_values", lambda t: [0.0] * t.numel(), raising=False)
+    def host_values(tensor):
+        calls.append(("host read", tuple(tensor.shape)))
+        return [0.0] * tensor.numel()
+
+    monkeypatch.setattr(dist_lib, "host_values", host_values, raising=False)
     return calls
 
 
@@ -80,8 +69,11 @@ def test_the_loops_collectives_only_see_tensors_on_the_ranks_device(on_meta_rank
     mbs = [prepare_micro_batch(build_row(pairs[:3]), nll_on_prompt=False),
            prepare_micro_batch(build_row(pairs[3:]), nll_on_prompt=False)]
 
-    stats = train_step(_PlainEngine(policy), mbs, beta=0.1)
-    assert on_meta_rank == [(2,), (10,)]  # the step's counts before the forward, its stats once after
+    outcome = train_step(PlainEngine(policy), mbs, beta=0.1)
+    # The step's counts, summed and read before the forward; its stats summed after, and not read ...
+    assert on_meta_rank == [(3,), ("host read", (3,)), (10,)]
+    stats = outcome.read()  # ... until the loop logs the step
+    assert on_meta_rank[3:] == [("host read", (10,))]
     assert stats.applied and stats.nonfinite_pair_ids == []
 
     raise_if_any_rank_failed(None, RuntimeError("unused"))  # the data-loading failure flag
@@ -92,10 +84,11 @@ def test_the_loops_collectives_only_see_tensors_on_the_ranks_device(on_meta_rank
         for s, h in handlers.items():
             signal.signal(s, h)
     evaluate_pairs(policy, pairs, micro_batch_tokens=64, beta=0.1, nll_on_prompt=False, pad_token_id=0)
-    assert len(on_meta_rank) == 5  # + failure flag, preemption flags, eval totals: one collective each
+    collectives = [c for c in on_meta_rank if c[0] != "host read"]
+    assert len(collectives) == 5  # + failure flag, preemption flags, eval totals: one collective each
 
 
 def test_a_world_of_one_still_goes_through_the_process_group(on_meta_rank, monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
     dist_lib.reduce_to_host(torch.ones(3))
-    assert on_meta_rank == [(3,)]
+    assert on_meta_rank == [(3,), ("host read", (3,))]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -237,8 +238,19 @@ def test_start_up_refusals_exit_2_naming_the_key(tiny_model, tmp_path):
     (remote / "config.json").write_text('{"model_type": "mything", "auto_map": {"AutoConfig": "configuration_x.C"}}')
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 3, "overlap_comm": "sometimes"}}')
-    cases = [([f"model.name_or_path={remote}"], "model.trust_remote_code=true"),
+    autoep = tmp_path / "autoep.json"
+    autoep.write_text('{"zero_optimization": {"stage": 3}, "expert_parallel": {"enabled": true, "autoep_size": 2}}')
+    # A tokenizer with more tokens than the model's embedding (added tokens, no resize): the data's ids
+    # must be refused on the host, since on a GPU the head checks its labels on the device only.
+    small_vocab = tmp_path / "small_vocab"
+    shutil.copytree(tiny_model, small_vocab)
+    config = json.loads((small_vocab / "config.json").read_text())
+    (small_vocab / "config.json").write_text(json.dumps(config | {"vocab_size": 8}))
+    cases = [([f"model.name_or_path={small_vocab}"], "pair 0 holds token id"),
+             ([f"model.name_or_path={remote}"], "model.trust_remote_code=true"),
              ([f"model.name_or_path={tiny_model}", f"deepspeed.config={ds}"], "overlap_comm"),
+             ([f"model.name_or_path={tiny_model}", f"deepspeed.config={autoep}"],
+              "expert_parallel (DeepSpeed AutoEP) is not supported"),
              ([f"model.name_or_path={tiny_model}", "data.max_length=4096", "train.micro_batch_tokens=8192"],
               "2048 positions")]
     if importlib.util.find_spec("flash_attn") is None:
@@ -269,6 +281,7 @@ def test_a_signal_during_start_up_exits_with_the_requeue_or_interrupt_code(tmp_p
                             env={**os.environ, "DS_ACCELERATOR": "cpu"})
     try:
         deadline = time.monotonic() + 60
+        # SIGTERM's handler is the last cli.main installs (Python catches SIGINT from its start).
         while not _catches(proc.pid, signal.SIGTERM) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         proc.send_signal(sig)  # torch and DeepSpeed are still importing: the start-up takes seconds

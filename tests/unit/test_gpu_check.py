@@ -187,3 +187,33 @@ def test_the_big_model_is_about_half_a_billion_parameters():
         model = LlamaForCausalLM(config)
     assert sum(p.numel() for p in model.parameters()) == gpu_check.big_model_parameters()
     assert 0.45e9 < gpu_check.big_model_parameters() < 0.55e9
+
+
+def test_a_part_past_its_limit_is_killed_with_its_processes_and_fails_by_name(tmp_path, capsys):
+    # A stand-in trainer: SIGTERM would make it "save a checkpoint" and exit 75 (a preemption), and it has
+    # a child process. Past the limit both must die at once, and the part count as a timeout.
+    child_pid = tmp_path / "child.pid"
+    trainer = (f"sleep 300 & echo $! > {child_pid}; trap 'echo saving a checkpoint; sleep 5; exit 75' TERM; "
+               "echo step 1; wait")
+    parts = tmp_path / "parts.tsv"
+    code = gpu_check.run_part("smoke", 2, ["bash", "-c", trainer], tmp_path / "smoke.log", parts)
+    out = capsys.readouterr().out
+    assert code == gpu_check.EXIT_TIMED_OUT
+    assert "=== [smoke] FAILED: timed out at its 2 s limit" in out and "saving a checkpoint" not in out
+    assert (tmp_path / "smoke.log").read_text() == "step 1\n"
+    name, rc, seconds, limit = parts.read_text().strip().split("\t")
+    assert (name, rc, limit) == ("smoke", "124", "2") and int(seconds) < 5
+    assert not _alive(int(child_pid.read_text()))  # the part's child went with it
+
+    code = gpu_check.run_part("gpu-tests", 30, ["bash", "-c", "echo ran; exit 3"], tmp_path / "t.log", parts)
+    assert code == 3 and "=== [gpu-tests] exit 3 after" in capsys.readouterr().out
+    assert parts.read_text().splitlines()[1].split("\t")[:2] == ["gpu-tests", "3"]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (killed, not yet reaped by whoever adopted it) does not."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return next(line.split()[1] for line in status.splitlines() if line.startswith("State:")) != "Z"

@@ -5,6 +5,10 @@ trained runs (ZeRO-3 on 2 ranks, ZeRO-0, exports) are in tests/distributed/test_
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +18,10 @@ from orpo_ds import cli
 from orpo_ds.config import ConfigError, LoraConfig, load_config
 from orpo_ds.lora import apply_lora, quantization_config, rebuild_from_state, save_adapter, trains_head
 from orpo_ds.model import PolicyWithChunkedHead
+from tests.helpers.network import free_port
 
 BASE = ["model.name_or_path=m", "data.train=pairs.jsonl"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tiny_llama(tie: bool = False) -> LlamaForCausalLM:
@@ -138,7 +144,7 @@ def test_chunked_head_over_peft_equals_peft_full_logits_on_values_and_adapter_gr
     ids = torch.randint(0, 96, (1, 23), generator=torch.Generator().manual_seed(1))
     positions = torch.tensor([0, 3, 4, 4, 10, 21])  # a position may reach the head twice (a shared prompt)
     labels = torch.tensor([5, 7, 1, 9, 95, 0])
-    got = policy(ids, torch.arange(23)[None], positions, labels)
+    got = policy(ids, torch.arange(23)[None], positions, labels).token_logps
     got_grads = torch.autograd.grad(got.sum(), [p for p in model.parameters() if p.requires_grad])
 
     logits = model(input_ids=ids, use_cache=False).logits[0].float()  # [T, V], peft's own forward
@@ -173,3 +179,84 @@ def test_plan_counts_the_adapters_the_trainer_trains():
     assert shape.head_trainable
     assert shape.trainable_params == sum(p.numel() for p in apply_lora(_tiny_llama(), with_head, "m").parameters()
                                          if p.requires_grad)
+
+
+QLORA_DTYPES = """
+import json, os
+import torch, deepspeed
+from transformers import LlamaConfig, LlamaForCausalLM
+from orpo_ds.config import LoraConfig
+from orpo_ds.lora import apply_lora, prepare_quantized_base
+
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+model.is_loaded_in_4bit = True  # the stand-in for bitsandbytes' load: peft upcasts only a k-bit model
+
+def dtypes(module):
+    kinds = {}
+    for name, p in module.named_parameters():
+        kind = "adapter" if "lora_" in name else "norm" if "norm" in name else "other"
+        kinds.setdefault(kind, set()).add(str(p.dtype).removeprefix("torch."))
+    return {k: sorted(v) for k, v in kinds.items()}
+
+model = apply_lora(prepare_quantized_base(model, gradient_checkpointing=True), LoraConfig(r=4), "m")
+result = {"peft": dtypes(model)}
+for stage in (0, 2):
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                                   model_parameters=[p for p in model.parameters() if p.requires_grad])
+    # ZeRO-2's flat fp32 partitions, or ZeRO-0's per-parameter fp32 copies
+    masters = getattr(optimizer, "single_partition_of_fp32_groups", None) or \\
+        [p for group in optimizer.fp32_groups for p in group]
+    result[f"zero{stage}"] = dtypes(engine.module) | {"masters": sorted({str(t.dtype).removeprefix("torch.")
+                                                                         for t in masters})}
+print("RESULT", json.dumps(result))
+"""
+
+
+def test_qlora_precision_is_what_the_docs_say_after_deepspeed_initialize():
+    # peft upcasts a 4-bit model's other parameters to fp32; DeepSpeed's bf16 mode casts them all back
+    # (docs/configuration.md, "Precision under QLoRA"). bitsandbytes is stood in for by the flag peft reads.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    proc = subprocess.run([sys.executable, "-c", QLORA_DTYPES], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["peft"] == {"adapter": ["float32"], "norm": ["float32"], "other": ["float32"]}
+    for stage in ("zero0", "zero2"):
+        assert result[stage] == {"adapter": ["bfloat16"], "norm": ["bfloat16"], "other": ["bfloat16"],
+                                 "masters": ["float32"]}, stage
+
+
+def test_lora_reaches_a_mixture_of_experts_fused_experts_and_router_and_matches_peft():
+    """transformers 5 keeps each layer's experts in fused 3-D parameters, which all-linear's nn.Linear
+    search would miss; peft 0.21 wraps them (and the router) all the same. The policy over that model
+    equals peft's own forward on values and on every adapter's gradient, the experts' included."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    base = MixtralForCausalLM(MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                            num_experts_per_tok=2))
+    model = apply_lora(base, LoraConfig(r=4, dropout=0.0), "m")
+    adapters = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(".lora_" in n for n in adapters)
+    assert any(".experts." in n for n in adapters) and any(".gate.lora_" in n for n in adapters), adapters
+    for name, p in model.named_parameters():  # B starts at 0, which would hide the adapters' path
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 96, (1, 17), generator=torch.Generator().manual_seed(1))
+    positions, labels = torch.tensor([0, 5, 9, 16]), torch.tensor([3, 7, 95, 0])
+    got = PolicyWithChunkedHead(model, chunk_size=3)(ids, torch.arange(17)[None], positions, labels).token_logps
+    trained = [p for p in model.parameters() if p.requires_grad]
+    got_grads = torch.autograd.grad(got.sum(), trained)
+    want = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)[positions, labels]
+    want_grads = torch.autograd.grad(want.sum(), trained)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(adapters, got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+    experts = [g for name, g in zip(adapters, got_grads, strict=True) if ".experts." in name]
+    assert all(g.abs().sum() > 0 for g in experts)

@@ -1,6 +1,7 @@
 """The test helper that splits a step's peak memory into tensors and GEMM-private buffers
 (tests/helpers/memory.py), against allocations whose sizes are known."""
 
+import pytest
 import torch
 
 from tests.helpers.memory import GEMM_OPS, measure_peak
@@ -57,3 +58,13 @@ def test_a_materialised_input_freed_inside_mm_is_private():
     kept = []
     peak = measure_peak(lambda: kept.append(torch.mm(a, b)))
     assert peak == type(peak)(total=4 * M * K + OUT, gemm_private=4 * M * K, tensors=OUT)
+
+
+def test_the_measured_steps_run_with_onednn_gemms_off_and_the_switch_is_restored():
+    from tests.unit.test_plan_memory import onednn_matmuls
+
+    before = torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError), onednn_matmuls(False):
+        assert not torch._C._get_mkldnn_enabled()  # what ATen's use_mkldnn_bf16_matmul() reads
+        raise RuntimeError("a failing step")
+    assert torch.backends.mkldnn.enabled == before

@@ -42,7 +42,9 @@ def test_json_figures_without_data(tmp_path, capsys):
     # 8.03B parameters in bf16 on 16 GPUs: 2 + 2 + 12 bytes each, over 16 (plus the small persistent ones)
     assert out["model_state_bytes"] == pytest.approx(16 * out["total_params"] / 16, rel=0.01)
     assert out["epoch_s"] is None and out["steps_per_epoch"] is None  # no data: no epoch time
-    assert out["step_s"] == pytest.approx(out["step_compute_s"] + out["step_communication_s"])
+    assert out["step_s"] == pytest.approx(out["step_compute_s"] + out["step_communication_s"]
+                                          + out["step_sequence_parallel_s"])
+    assert out["sequence_parallel_bytes_per_step"] == out["step_sequence_parallel_s"] == 0  # no SP: no all-to-all
     assert out["fits"] == (out["peak_bytes"] <= out["gpu_memory_bytes"])
     assert "sbatch --nodes=2 --gpus-per-node=8 launch/orpo.sbatch" in out["sbatch"]
     assert out["mfu"] == 0.4 and "assumed" in out["mfu_source"]

@@ -184,7 +184,7 @@ def _run(model, rows, *, beta, nll_on_prompt):
     model.zero_grad()
     seq_logps, total, stats = [], 0.0, {}
     for mb in mbs:
-        token_logps = policy(**mb.model_inputs())
+        token_logps = policy(**mb.model_inputs()).token_logps
         avg = sequence_mean_logps(token_logps, mb.head_seq_id, mb.num_sequences, mask=mb.head_is_response)
         seq_logps += [avg[mb.chosen_seq].detach(), avg[mb.rejected_seq].detach()]
         loss, mb_stats = micro_batch_loss(token_logps, mb, beta=beta, global_nll_tokens=g_nll, global_pairs=g_pairs)
@@ -280,8 +280,8 @@ def test_the_loss_curve_over_20_steps_is_unchanged_to_1e_4():
         curve = []
         for pairs in steps:
             mb = prepare_micro_batch(build_row(pairs, layout), nll_on_prompt=False)
-            loss, _ = micro_batch_loss(policy(**mb.model_inputs()), mb, beta=0.5, global_nll_tokens=mb.num_nll_tokens,
-                                       global_pairs=mb.num_pairs)
+            loss, _ = micro_batch_loss(policy(**mb.model_inputs()).token_logps, mb, beta=0.5,
+                                       global_nll_tokens=mb.num_nll_tokens, global_pairs=mb.num_pairs)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -28,7 +28,8 @@ def _header(path: Path) -> tuple[list[str], bool, float]:
 
 def test_there_are_recipes():
     assert {p.name for p in RECIPES} >= {"one_gpu_smoke.yaml", "llama3_8b_full_8xh100.yaml",
-                                         "llama3_70b_full_8x8xh100.yaml", "llama3_70b_lora_8xh100.yaml"}
+                                         "llama3_70b_full_8x8xh100.yaml", "llama3_70b_lora_8xh100.yaml",
+                                         "qwen3_30b_a3b_8xh100.yaml", "llama31_8b_32k_sp8_8xh100.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
