@@ -38,6 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from orpo_ds.config import ConfigError
+from orpo_ds.devices import to_device
 
 SEGMENTED_SDPA = "segmented_sdpa"
 VARLEN_ATTN = "varlen_attn"
@@ -216,15 +217,16 @@ class VarlenArgs:
 @functools.lru_cache(maxsize=4)
 def varlen_args(segments: tuple[Segment, ...], device: torch.device) -> VarlenArgs:
     """The :class:`VarlenArgs` of ``segments`` on ``device``, built on the host once per row (every layer
-    of the forward and the backward reuses it: no per-layer copy or sync)."""
+    of the forward and the backward reuses it: no per-layer copy) and copied without waiting for the
+    device (:func:`orpo_ds.devices.to_device`)."""
     keys = [list(range(seg.context_start, seg.context_end)) + list(range(seg.start, seg.end)) for seg in segments]
     q_lengths = [seg.end - seg.start for seg in segments]
     k_lengths = [len(k) for k in keys]
 
     def cumulative(lengths: list[int]) -> torch.Tensor:
-        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        return to_device(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32), device)
 
-    return VarlenArgs(torch.tensor([i for k in keys for i in k], dtype=torch.long, device=device),
+    return VarlenArgs(to_device(torch.tensor([i for k in keys for i in k], dtype=torch.long), device),
                       cumulative(q_lengths), cumulative(k_lengths), max(q_lengths), max(k_lengths))
 
 
@@ -246,9 +248,9 @@ def torch_varlen_segments(query: torch.Tensor, key: torch.Tensor, value: torch.T
     """The segments through one ``torch.nn.attention.varlen.varlen_attn`` call, keys gathered as
     :func:`_flash_segments` gathers them. Shapes as :func:`segmented_sdpa`; returns ``[1, T, H, D]``.
 
-    The call's signature changed across torch versions: 2.10 takes ``is_causal``, later ones
-    ``window_size`` (``(-1, 0)`` is causal), and from 2.12 ``enable_gqa``; without it the KV heads are
-    repeated over their query groups here."""
+    The call's signature changed across torch versions: 2.10 takes ``is_causal`` and no ``scale``, later
+    ones ``window_size`` (``(-1, 0)`` is causal) and ``scale``, and from 2.12 ``enable_gqa``; without it
+    the KV heads are repeated over their query groups here."""
     import inspect
 
     fn = torch_varlen_attn()
@@ -257,8 +259,11 @@ def torch_varlen_segments(query: torch.Tensor, key: torch.Tensor, value: torch.T
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1).index_select(0, args.key_index)  # [Tk, H_kv, D]
     v = value[0].transpose(0, 1).index_select(0, args.key_index)
-    options = {"scale": scaling}
-    options.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if scaling is not None and "scale" in params:
+        options["scale"] = scaling
+    elif scaling is not None:  # 2.10 takes no scale and uses 1/sqrt(D): fold the model's scale into q
+        q = q * (scaling * q.shape[-1] ** 0.5)
     groups = q.shape[1] // k.shape[1]
     if "enable_gqa" in params:
         options["enable_gqa"] = groups > 1

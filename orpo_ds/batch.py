@@ -13,6 +13,7 @@ import torch
 
 from orpo_ds.attention import Segment, segments_from_lengths
 from orpo_ds.data import TokenizedPair
+from orpo_ds.devices import to_device
 from orpo_ds.logps import IGNORE_INDEX, sequence_logp_sums, sequence_mean_logps, sequence_means
 from orpo_ds.loss import NLL_STAT_KEYS, orpo_loss, orpo_pair_stats
 from orpo_ds.packing import DEFAULT_LAYOUT, PackedRow, PairLayout, build_row
@@ -109,8 +110,9 @@ def prepare_micro_batch(row: PackedRow, *, nll_on_prompt: bool, device: torch.de
     extra_nll = row.seq_is_chosen[row.extra_seq]  # [E]
 
     def put(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
-        # A copy on the CPU too, so that in-place edits of a batch never reach the (frozen) row.
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype, copy=True)
+        # A copy on the CPU too, so that in-place edits of a batch never reach the (frozen) row; on a GPU
+        # queued behind the device's work rather than waiting for it (orpo_ds.devices).
+        return to_device(torch.from_numpy(np.ascontiguousarray(array)).to(dtype=dtype, copy=True), device)
 
     has_context = bool((row.seq_context_end > row.seq_context_start).any())
     head = {"positions": np.concatenate([np.flatnonzero(head_mask), row.extra_position]),

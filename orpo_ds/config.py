@@ -63,7 +63,8 @@ class LoraConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = ""
-    # auto: flash_attention_2 where flash-attn and CUDA exist, else segmented_sdpa (orpo_ds.attention)
+    # auto: on CUDA in bf16/fp16 flash_attention_2, else varlen_attn (torch's own); otherwise segmented_sdpa
+    # (orpo_ds.attention.resolve_attn_implementation)
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False

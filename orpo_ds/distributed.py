@@ -210,7 +210,14 @@ def enable_sequence_parallel(size: int, model) -> SequenceParallel:
     the output back. The core attention is :data:`orpo_ds.attention.SEGMENTED_SDPA`: Ulysses passes the
     row's segments through to it, so packed pairs and shared prompts keep their exact attention. In eval
     mode Ulysses steps aside (``disable_in_eval``): evaluation and sampling run whole rows per rank.
-    ``size`` 1: every rank is a replica of its own."""
+    ``size`` 1: every rank is a replica of its own.
+
+    Of DeepSpeed's Ulysses kit only the attention and its groups are used. The engine is not told (no
+    ``sequence_parallel_size`` key, no ``mpu``): ZeRO-3 partitions over the whole world either way, and the
+    loss is normalised by the step's global counts, so the gradient wanted is the plain sum over every
+    rank, which :mod:`orpo_ds.engine` makes from DeepSpeed's world average. ``UlyssesSPDataLoaderAdapter``
+    is not used: it splits collated tensors along the sequence, while a packed row is split on the host
+    (:class:`orpo_ds.batch.Shard`), where the whole row's labels and segments are known."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if size == 1:
         return SequenceParallel(size=1, index=0, replica=rank, replicas=world_size, group=None)

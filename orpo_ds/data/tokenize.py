@@ -59,6 +59,7 @@ import inspect
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -245,6 +246,7 @@ def _run_map(dataset, ctx: _Ctx, num_proc: int, progress: bool, fingerprint: str
     bars_were_on = datasets.is_progress_bar_enabled()
     if not progress and bars_were_on:
         datasets.disable_progress_bars()
+    started = time.perf_counter()
     try:
         out = dataset.map(
             _map_batch, fn_kwargs={"ctx": ctx}, batched=True, batch_size=64,
@@ -258,6 +260,10 @@ def _run_map(dataset, ctx: _Ctx, num_proc: int, progress: bool, fingerprint: str
     finally:
         if not progress and bars_were_on:
             datasets.enable_progress_bars()
+    if progress:
+        seconds = time.perf_counter() - started
+        print(f"[data] tokenized {total} pairs in {seconds:.1f} s: {total / max(seconds, 1e-9):,.0f} pairs/s "
+              f"({workers} process{'es' if workers > 1 else ''})", flush=True)
     # Columns straight from the Arrow table: no Python list per pair. map is 1:1 and keeps order, so
     # position i is source row i.
     table = out.data.table

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from orpo_ds.attention import ulysses_sizes
 from orpo_ds.config import Config, ConfigError, require
-from orpo_ds.ds_config import ZeroSetup, build_ds_config, read_ds_config
+from orpo_ds.distributed import check_sequence_parallel
+from orpo_ds.ds_config import ZeroSetup, build_ds_config, read_ds_config, refuse_expert_parallel
 from orpo_ds.flops import BF16_PEAK_FLOPS
 from orpo_ds.plan import experts, memory, rows, timing
 from orpo_ds.plan.shapes import ModelShape, load_model_config, model_shape
@@ -257,6 +258,9 @@ def make_plan(cfg: Config, cluster: Cluster, *, mfu: float | None = None,
     sp = cfg.train.sequence_parallel_size
     require(cluster.gpus % sp == 0, "train.sequence_parallel_size",
             f"{sp} does not divide the cluster's {cluster.gpus} GPUs")
+    # What the run would refuse at start-up, the plan refuses too, with the same words.
+    check_sequence_parallel(sp, cluster.gpus, model_config)
+    refuse_expert_parallel(ds_config)
     planner = Planner(shape=shape, zero=ZeroSetup.from_ds_config(ds_config), dtype_bytes=dtype.itemsize,
                       chunk_size=cfg.loss.chunk_size, reserve=int(reserve_gib * GIB), sequence_parallel=sp)
     stats = rows.row_stats(cfg, model_config, cluster.gpus // sp)  # rows go to the data-parallel replicas

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -225,17 +226,36 @@ def test_cached_pairs_carry_their_duplicates_so_a_hit_reads_no_ids(tmp_path, mon
     assert older == pairs and duplicate_pairs(older) == [100, 101, 102]
 
 
-def test_data_turns_tokenize_once_per_job_then_once_per_node():
+@pytest.mark.parametrize("shared_cache", [True, False], ids=["shared-filesystem", "node-local-cache"])
+def test_a_two_node_job_tokenizes_once_on_a_shared_filesystem_and_once_per_node_otherwise(shared_cache, tmp_path,
+                                                                                        monkeypatch):
+    """2 nodes x 2 ranks through train.load_pairs, each rank in its turn (the collective between turns is
+    stood in for by running the ranks in that order): rank 0 first, node 1's first rank next, the others
+    last. With the cache folder on a shared filesystem only rank 0 tokenizes; with a folder per node,
+    each node's first rank does."""
     from types import SimpleNamespace
 
-    from orpo_ds.train import data_turn
+    import orpo_ds.data.tokenize as tokenize_module
+    from orpo_ds import distributed as dist_lib
+    from orpo_ds.config import DataConfig
+    from orpo_ds.train import data_turn, load_pairs
+    from tests.helpers.synthetic import write_pairs
+    from tests.helpers.tokenizers import make_tiny_tokenizer
 
-    def info(rank, local_rank):
-        return SimpleNamespace(is_main=rank == 0, local_rank=local_rank)
-
-    # 2 nodes x 2 ranks: rank 0 first; node 1's first rank next (a cache hit on a shared filesystem);
-    # then the others, each reading its node's cache.
-    assert [data_turn(info(r, r % 2)) for r in range(4)] == [0, 2, 1, 2]
+    source, tokenizer = str(write_pairs(tmp_path / "pairs.jsonl", 20)), make_tiny_tokenizer()
+    tokenized, run_map = [], tokenize_module._run_map
+    monkeypatch.setattr(tokenize_module, "_run_map", lambda *a, **k: tokenized.append(1) or run_map(*a, **k))
+    monkeypatch.setattr(dist_lib, "raise_if_any_rank_failed", lambda error, elsewhere: None if error is None
+                        else pytest.fail(f"a rank failed: {error}"))
+    ranks = [SimpleNamespace(rank=r, node=r // 2, is_main=r == 0, local_rank=r % 2) for r in range(4)]
+    assert [data_turn(info) for info in ranks] == [0, 2, 1, 2]
+    loaded = {}
+    for info in sorted(ranks, key=data_turn):
+        cache = tmp_path / ("cache" if shared_cache else f"node{info.node}-cache")
+        cfg = SimpleNamespace(data=DataConfig(train=source, max_length=64, cache_dir=str(cache)))
+        loaded[info.rank] = load_pairs(source, tokenizer, cfg, info)
+    assert len(tokenized) == (1 if shared_cache else 2)
+    assert all(list(pairs) == list(loaded[0]) for pairs in loaded.values()) and len(loaded[0]) == 20
 
 
 def test_a_cached_data_file_is_not_parsed_again(tmp_path, monkeypatch):
@@ -253,6 +273,20 @@ def test_a_cached_data_file_is_not_parsed_again(tmp_path, monkeypatch):
     again, again_report = tokenize_data_section(source, tokenizer, data, progress=False)
     assert again == first and again_report == report and len(first) == 20
     assert data_io.file_fingerprint(source) == load_records(source)._fingerprint
+
+
+def test_tokenizing_reports_its_rate_in_pairs_per_second_and_a_cache_hit_does_not(tmp_path, capsys):
+    from orpo_ds.config import DataConfig
+    from orpo_ds.data import tokenize_data_section
+    from tests.helpers.synthetic import write_pairs
+    from tests.helpers.tokenizers import make_tiny_tokenizer
+
+    source = str(write_pairs(tmp_path / "pairs.jsonl", 20))
+    data, tokenizer = DataConfig(train=source, max_length=64, cache_dir=str(tmp_path / "cache")), make_tiny_tokenizer()
+    tokenize_data_section(source, tokenizer, data, progress=True)
+    assert re.search(r"\[data\] tokenized 20 pairs in [\d.]+ s: [\d,]+ pairs/s \(1 process\)", capsys.readouterr().out)
+    tokenize_data_section(source, tokenizer, data, progress=True)
+    assert "pairs/s" not in capsys.readouterr().out
 
 
 def test_file_fingerprint_is_load_records_for_parquet_and_none_elsewhere(tmp_path):

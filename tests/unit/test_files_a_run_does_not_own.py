@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from orpo_ds import checkpoint as ckpt
 from orpo_ds.safe_files import (
@@ -256,6 +257,9 @@ def test_start_up_refusals_exit_2_naming_the_key(tiny_model, tmp_path):
     if importlib.util.find_spec("flash_attn") is None:
         cases.append(([f"model.name_or_path={tiny_model}", "model.attn_implementation=flash_attention_2"],
                       "flash_attention_2: the flash-attn package is not installed"))
+    if not torch.cuda.is_available():
+        cases.append(([f"model.name_or_path={tiny_model}", "model.attn_implementation=varlen_attn"],
+                      "varlen_attn: there is no CUDA device"))
     for i, (args, words) in enumerate(cases):
         proc = _cli("train", f"data.train={_data(tmp_path)}", f"train.output_dir={tmp_path / f'run{i}'}", *args)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)

@@ -8,8 +8,9 @@ stall, but the same aten ops run, so a dispatch mode counts them here: ``aten._l
 
 The count covers our torch path: the policy's forward (decoder body with the segmented-sdpa backend, the
 chunked head), the ORPO loss of the micro-batch, and the backward. Liger's head reads its token count
-(``.item()``) in forward and backward; it is CUDA-only and outside this count (README, "What runs on a
-GPU"). DeepSpeed's engine reads the device at the optimizer step, once per step, not per micro-batch.
+(``.item()``) in forward and backward; it is CUDA-only and outside this count (docs/performance.md, "No
+host reads inside a micro-batch"). DeepSpeed's engine reads the device at the optimizer step, once per
+step, not per micro-batch.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _policy(dtype: torch.dtype) -> PolicyWithChunkedHead:
+def tiny_policy(dtype: torch.dtype, attn: str = attention.SEGMENTED_SDPA) -> PolicyWithChunkedHead:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation=attention.SEGMENTED_SDPA)
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn)
     return PolicyWithChunkedHead(LlamaForCausalLM(config).to(dtype), chunk_size=8)
 
 
@@ -65,7 +66,7 @@ def _reads_of_one_micro_batch(policy, mb) -> dict[str, int]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("share_prompt", [False, True], ids=["separate", "shared-prompt"])
 def test_a_training_micro_batch_reads_nothing_back_to_the_host(share_prompt, dtype):
-    policy = _policy(dtype)
+    policy = tiny_policy(dtype)
     for nll_on_prompt in (False, True):
         mb = prepare_micro_batch(build_row(PAIRS, layout_for(share_prompt)), nll_on_prompt=nll_on_prompt)
         assert _reads_of_one_micro_batch(policy, mb) == {}
@@ -82,3 +83,15 @@ def test_the_counter_sees_each_kind_of_host_read():
         labels.sum().item()
         float(labels.float().mean())
     assert reads.counts["aten::nonzero"] == 1 and reads.counts["aten::_local_scalar_dense"] == 3
+
+
+def test_the_expert_counts_of_a_mixture_of_experts_read_nothing_back_to_the_host():
+    """Issue 37 item 2: the per-micro-batch part of the expert-load metrics (top-k, then histc with fixed
+    bounds). The family's own balancing loss and expert loop are transformers' code, outside this count."""
+    from orpo_ds.router import expert_token_counts
+
+    logits = tuple(torch.randn(37, 8, generator=torch.Generator().manual_seed(layer)) for layer in range(3))
+    with HostReads() as reads:
+        counts = expert_token_counts(logits, num_experts=8, top_k=2)
+    assert dict(reads.counts) == {}
+    assert counts.shape == (3, 8) and counts.sum(dim=1).tolist() == [37 * 2] * 3

@@ -48,6 +48,16 @@ def test_a_size_the_cluster_cannot_split_into_is_refused(capsys):
     assert "train.sequence_parallel_size: 3 does not divide the cluster's 8 GPUs" in capsys.readouterr().err
 
 
+def test_what_a_run_would_refuse_the_plan_refuses_with_the_same_words(capsys, tmp_path):
+    six_gpus = ["--nodes", "1", "--gpus-per-node", "6", "--gpu", "H100"]
+    assert cli.main(["plan", "--config", str(RECIPE), "train.sequence_parallel_size=3", *six_gpus]) == 2
+    assert "3 cannot split the model's 32 attention heads and 8 KV heads" in capsys.readouterr().err
+    autoep = tmp_path / "autoep.json"
+    autoep.write_text('{"zero_optimization": {"stage": 3}, "expert_parallel": {"enabled": true, "autoep_size": 2}}')
+    assert cli.main(["plan", "--config", str(RECIPE), f"deepspeed.config={autoep}", *CLUSTER]) == 2
+    assert "expert_parallel (DeepSpeed AutoEP) is not supported" in capsys.readouterr().err
+
+
 def test_the_activation_estimate_is_linear_in_the_row():
     # What dividing the row by N rests on: no [T, T] term (flash / segmented attention).
     shape = model_shape(load_model_config("llama-3-8b"))

@@ -253,6 +253,12 @@ def test_a_dense_or_varlen_backend_is_refused(attn):
         backend_kwargs(attn, row_segments(row), None, 8)
 
 
+def test_torch_varlen_is_refused_for_a_shared_prompt_until_its_alignment_is_checked_on_a_gpu():
+    with pytest.raises(ConfigError, match="'varlen_attn' cannot attend to a shared prompt"):
+        config_from_dict({"model": {"name_or_path": "m", "attn_implementation": "varlen_attn"},
+                          "data": {"train": "d.jsonl"}, "train": {"share_prompt": True}})
+
+
 def test_layout_for():
     assert layout_for(False) is DEFAULT_LAYOUT and isinstance(layout_for(True), SharedPromptLayout)
 
@@ -299,9 +305,9 @@ def _torch_varlen_stand_in(signature: str, calls: list):
     """``torch.nn.attention.varlen.varlen_attn`` of one torch version, on the CPU: the flash contract above
     (bottom-right causal: an assumption to check on a GPU, see tests/gpu), with that version's keywords."""
 
-    def v2_10(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):
+    def v2_10(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):  # 2.10's docs: no scale
         calls.append({"is_causal": is_causal, "kv_heads": k.shape[1]})
-        return flash_varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=is_causal)
+        return flash_varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=is_causal)
 
     def v2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
         calls.append({"window_size": window_size, "kv_heads": k.shape[1]})
@@ -333,8 +339,10 @@ def test_torch_varlen_gets_each_versions_arguments_and_matches_the_full_mask(mon
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 4, t, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, 2, t, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    got = attention.torch_varlen_segments(q, k, v, segments, None)
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(segments, t), enable_gqa=True).transpose(1, 2)
+    scale = 0.3  # not sdpa's default 1/sqrt(8), so that a version without a scale argument must fold it in
+    got = attention.torch_varlen_segments(q, k, v, segments, scale)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(segments, t), enable_gqa=True,
+                                          scale=scale).transpose(1, 2)
     assert calls == [expected]
     torch.testing.assert_close(got, want)
     up = torch.randn_like(want)
