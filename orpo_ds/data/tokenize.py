@@ -59,6 +59,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -262,8 +263,9 @@ def _run_map(dataset, ctx: _Ctx, num_proc: int, progress: bool, fingerprint: str
             datasets.enable_progress_bars()
     if progress:
         seconds = time.perf_counter() - started
+        # On stderr with the bar: stdout may be a machine's (orpo-ds plan --json).
         print(f"[data] tokenized {total} pairs in {seconds:.1f} s: {total / max(seconds, 1e-9):,.0f} pairs/s "
-              f"({workers} process{'es' if workers > 1 else ''})", flush=True)
+              f"({workers} process{'es' if workers > 1 else ''})", file=sys.stderr, flush=True)
     # Columns straight from the Arrow table: no Python list per pair. map is 1:1 and keeps order, so
     # position i is source row i.
     table = out.data.table

@@ -79,3 +79,30 @@ def test_resume_across_sequence_parallel_sizes_follows_the_unsplit_run(tiny_mode
     for got, want in zip(resumed, whole, strict=True):
         for key in ("loss", "grad_norm", "pairs", "tokens"):
             assert got[key] == pytest.approx(want[key], rel=1e-4), (got["step"], key, got[key], want[key])
+
+
+def test_resume_at_another_sequence_parallel_size_on_the_same_ranks_follows_the_unsplit_layouts(
+        tiny_model, synthetic_data, tmp_path):
+    """Steps 1-2 at SP=2 on 2 ranks (one replica), then 3-4 at SP=1 on the same 2 ranks (two replicas: the
+    rest of the epoch re-dealt, the checkpoint loaded as saved, no universal copy). The same as steps 1-2 on
+    one rank and 3-4 on 2 ranks without sequence parallelism, step by step."""
+    def legs(out, layout):
+        records = []
+        for (ranks, size), last in zip(layout, (2, 4), strict=True):
+            overrides = base_overrides(tiny_model, {"train": synthetic_data["train"]}, out, **{
+                "train.max_steps": last, "train.lr_schedule": "constant", "train.lr": 2e-3,
+                "train.eval_before": "false", "train.export": "false", "train.sequence_parallel_size": size,
+                "train.resume_world_size_change": "allow"})
+            proc = launch(["train", *overrides], ranks=ranks, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            records.append(proc.stdout)
+        return records, [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+
+    (_, second), split = legs(tmp_path / "sp", [(2, 2), (2, 1)])
+    assert ("resuming step 2 of a 2-rank run (1 data-parallel replicas) on 2 ranks (2) from its ZeRO partitions"
+            in second and "the rest of its rows dealt to the new replicas" in second), second
+    _, unsplit = legs(tmp_path / "ranks", [(1, 1), (2, 1)])
+    assert [m["step"] for m in split] == [m["step"] for m in unsplit] == [1, 2, 3, 4]
+    for got, want in zip(split, unsplit, strict=True):
+        for key in ("loss", "grad_norm", "pairs", "tokens"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (got["step"], key, got[key], want[key])
